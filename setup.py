@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mokd",
+    version="0.1.0",
+    description="Multi-mode Online Knowledge Distillation: two vision models learn self-supervised together",
+    packages=find_packages(include=["mokd", "mokd.*"]),
+    package_data={"mokd": ["configs/*.yaml"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.14,<2.15",
+        "torchvision>=0.29,<0.30",
+        "timm>=1.0",
+        "omegaconf>=2.3",
+        "tensorboard>=2.15",
+        "tqdm>=4.60",
+        "numpy",
+        "pillow",
+        "pyyaml",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "pytest-timeout", "deepspeed>=0.15", "webdataset>=0.2"],
+        "flash": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["mokd=mokd.launch.cli:main"]},
+)
