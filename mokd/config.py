@@ -1,0 +1,261 @@
+"""The one typed configuration schema of mokd, its YAML presets and dotted command-line overrides.
+
+A run's configuration is built in three layers: the dataclass defaults below, a YAML preset from
+`configs/` (named or given as a path), then `key=value` overrides such as `train.epochs=5`.
+OmegaConf checks every layer against the schema, so an unknown key or a value of the wrong type is
+refused before any work starts, with the offending key named. The resolved result is saved in the
+run directory as `config.yaml`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be trained: unknown key, wrong type, or an impossible combination."""
+
+
+def option(default: Any, help: str) -> Any:
+    """A schema field with its help text (shown by `mokd train --help`)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def section(factory: type, help: str) -> Any:
+    return field(default_factory=factory, metadata={"help": help})
+
+
+@dataclass
+class TemperatureConfig:
+    student: float = option(0.1, "student softmax temperature tau_s")
+    teacher_start: float = option(0.04, "teacher temperature at step 0 (linear warm-up start)")
+    teacher_end: float = option(0.07, "teacher temperature after the warm-up")
+    warmup_epochs_self: int = option(30, "teacher-temperature warm-up of the self terms L_sm, L_st (official CNN: 50)")
+    warmup_epochs_cross: int = option(30, "teacher-temperature warm-up of the cross terms L_cm, L_ct")
+
+
+@dataclass
+class OptimConfig:
+    name: str = option("adamw", "optimiser: sgd | lars | adamw")
+    base_lr: float = option(5e-4, "learning rate per 256 images (scaled by global batch / 256)")
+    min_lr: float = option(1e-5, "final learning rate of the cosine schedule")
+    warmup_epochs: int = option(10, "linear learning-rate warm-up, epochs")
+    weight_decay: float = option(0.04, "weight decay at step 0 (cosine schedule; none on biases and norms)")
+    weight_decay_end: float = option(0.4, "weight decay at the last step")
+    momentum: float = option(0.9, "SGD / LARS momentum")
+    clip_grad: float = option(3.0, "per-parameter gradient-norm clip; 0 disables")
+    freeze_last_layer_epochs: int = option(1, "epochs during which both heads' last layers get no update")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = option("resnet18", "timm backbone: resnet18|34|50|101, vit_tiny|small|base_patch16_224")
+    small_image: bool = option(False, "28-32 px variant: CIFAR-style ResNet stem, or ViT with 4-pixel patches")
+    width: Optional[int] = option(None, "ResNet first-stage channels or ViT embedding dimension (null: timm's)")
+    depth: Optional[int] = option(None, "ViT depth (null: timm's)")
+    num_heads: Optional[int] = option(None, "ViT attention heads (null: timm's)")
+    drop_path: float = option(0.0, "stochastic depth rate of the student (teachers never drop)")
+    trainable_last_layer_norm: bool = option(False, "train weight_g of the weight-normalised last layers")
+    cross_weight: float = option(1.0, "lambda_i, weight of this model's cross terms L_cm + L_ct")
+    optim: OptimConfig = section(OptimConfig, "optimiser and schedules of this student")
+    temperature: TemperatureConfig = section(TemperatureConfig, "temperatures of this model's loss terms")
+
+
+@dataclass
+class HeadConfig:
+    out_dim: int = option(65536, "K, output dimension of both heads of both models")
+    mlp_hidden_dim: int = option(2048, "MLP-Head hidden width")
+    mlp_bottleneck_dim: int = option(256, "MLP-Head bottleneck before the weight-normalised last layer")
+    thead_dim: int = option(384, "T-Head width D (shared: queries cross between the models)")
+    thead_depth: int = option(3, "T-Head transformer blocks")
+    thead_heads: int = option(6, "T-Head attention heads")
+    thead_mlp_ratio: float = option(4.0, "T-Head MLP ratio")
+    attention: str = option("sdpa", "T-Head attention: sdpa | flash (if installed) | math")
+
+
+@dataclass
+class LossConfig:
+    self_mlp: bool = option(True, "L_sm: self-distillation of the MLP-Head")
+    self_thead: bool = option(True, "L_st: self-distillation of the T-Head")
+    cross_mlp: bool = option(True, "L_cm: MLP-Head against the other model's teacher")
+    cross_search: bool = option(True, "L_ct: feature search with cross-attention in the other teacher's T-Head")
+    search_pairing: str = option("local_to_global", "local_to_global (official) | global_to_global (paper)")
+    centre_momentum: float = option(0.9, "momentum m_c of the six centres")
+    teacher_momentum: float = option(0.996, "EMA momentum at step 0 (cosine schedule to 1)")
+    kernel: str = option("auto", "DINO cross-entropy implementation: auto | triton | torch | reference")
+
+
+@dataclass
+class DataConfig:
+    source: str = option("fashion_mnist", "fashion_mnist | imagefolder | synthetic")
+    root: Optional[str] = option(None, "dataset root (imagefolder: ROOT/train, ROOT/val; fashion_mnist: IDX dir)")
+    global_crop_size: int = option(224, "side of the two global crops, px")
+    local_crop_size: int = option(96, "side of the local crops, px")
+    n_local_crops: int = option(8, "local crops per image")
+    global_crop_scale: list[float] = option([0.25, 1.0], "area range of global crops")
+    local_crop_scale: list[float] = option([0.05, 0.25], "area range of local crops")
+    num_workers: int = option(2, "data-loading worker processes")
+    synthetic_size: int = option(256, "synthetic source: images per split")
+    synthetic_image_size: int = option(32, "synthetic source: image side, px")
+    synthetic_classes: int = option(10, "synthetic source: classes")
+    synthetic_channels: int = option(3, "synthetic source: channels")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = option(100, "training epochs (all schedules span them)")
+    batch_size: int = option(64, "images per device per step")
+    max_steps: int = option(0, "stop after this many steps in total (0: all epochs)")
+    seed: int = option(0, "seed of model initialisation, data order and augmentation")
+    precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (GradScaler per model)")
+    device: str = option("auto", "auto | cpu | cuda")
+    deterministic: bool = option(False, "deterministic algorithms (exact resume on CPU)")
+    log_every: int = option(10, "steps between metric records")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = option(0, "steps between checkpoints (0: at the end of every epoch)")
+    keep_last: int = option(3, "complete checkpoints kept")
+    resume: bool = option(True, "restart from the newest complete checkpoint in the run directory")
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = option(20, "k-NN neighbours")
+    knn_temperature: float = option(0.07, "k-NN vote temperature (votes weighted by exp(sim / T))")
+    batch_size: int = option(256, "feature-extraction batch")
+    knn_at_end: bool = option(True, "run k-NN on both teacher backbones when training ends")
+    knn_untrained: bool = option(True, "also score the untrained networks, for comparison")
+    image_size: int = option(224, "evaluation image side, px (small sources keep their size)")
+    max_train_samples: int = option(0, "k-NN memory bank size (0: the whole training split)")
+
+
+@dataclass
+class MOKDConfig:
+    run_dir: str = option("runs/default", "run directory: config, checkpoints, metrics, results")
+    model1: ModelConfig = section(ModelConfig, "the first model")
+    model2: ModelConfig = section(ModelConfig, "the second model")
+    head: HeadConfig = section(HeadConfig, "head shapes shared by both models")
+    loss: LossConfig = section(LossConfig, "loss switches and momenta")
+    data: DataConfig = section(DataConfig, "training data and multi-crop")
+    train: TrainConfig = section(TrainConfig, "training loop")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpointing and resume")
+    eval: EvalConfig = section(EvalConfig, "evaluation")
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model1.optim.name": ("sgd", "lars", "adamw"),
+    "model2.optim.name": ("sgd", "lars", "adamw"),
+    "head.attention": ("sdpa", "flash", "math"),
+    "loss.search_pairing": ("local_to_global", "global_to_global"),
+    "loss.kernel": ("auto", "triton", "torch", "reference"),
+    "data.source": ("fashion_mnist", "imagefolder", "synthetic"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+def describe_options(schema: type = MOKDConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf option of the schema."""
+    rows = []
+    instance = schema()
+    for item in fields(schema):
+        key = f"{prefix}{item.name}"
+        value = getattr(instance, item.name)
+        if is_dataclass(value):
+            rows.extend(describe_options(type(value), key + "."))
+        else:
+            rows.append((key, repr(value), item.metadata.get("help", "")))
+    return rows
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _preset_path(preset: str) -> Path:
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    named = PRESET_DIR / f"{preset}.yaml"
+    if named.exists():
+        return named
+    raise ConfigError(f"unknown preset {preset!r}: not a YAML file, and not one of {', '.join(list_presets())}")
+
+
+def _merge(base: DictConfig, layer: Any, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except ConfigKeyError as error:
+        raise ConfigError(f"{origin}: unknown config key {error.full_key!r}") from None
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None)
+        raise ConfigError(f"{origin}: bad value for {key!r}: {error.msg}") from None
+
+
+def load_config(preset: Optional[str] = None, overrides: Optional[list[str]] = None) -> MOKDConfig:
+    """Schema defaults, then the preset, then `key=value` overrides; validated; returned as a typed object."""
+    config = OmegaConf.structured(MOKDConfig)
+    if preset is not None:
+        path = _preset_path(preset)
+        config = _merge(config, OmegaConf.load(path), f"preset {path}")
+    for override in overrides or []:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r} is not of the form key=value")
+        key, value = override.split("=", 1)
+        config = _merge(config, OmegaConf.from_dotlist([f"{key}={value}"]), f"override {override!r}")
+    typed: MOKDConfig = OmegaConf.to_object(config)
+    validate(typed)
+    return typed
+
+
+def to_yaml(config: MOKDConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def save_config(config: MOKDConfig, path: Path) -> None:
+    path.write_text(to_yaml(config))
+
+
+def _get(config: MOKDConfig, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def validate(config: MOKDConfig) -> None:
+    """Refuse combinations that cannot train, naming the key, before any model is built."""
+    for key, allowed in CHOICES.items():
+        if _get(config, key) not in allowed:
+            raise ConfigError(f"{key}={_get(config, key)!r} is not one of {', '.join(allowed)}")
+    from mokd.method.backbones import check_backbone  # the method knows which backbones exist
+
+    for name in ("model1", "model2"):
+        model: ModelConfig = getattr(config, name)
+        check_backbone(name, model)
+        if not 0.0 <= model.cross_weight:
+            raise ConfigError(f"{name}.cross_weight must be >= 0, got {model.cross_weight}")
+        for bound in ("global_crop_scale", "local_crop_scale"):
+            scale = getattr(config.data, bound)
+            if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+                raise ConfigError(f"data.{bound} must be [low, high] with 0 < low <= high <= 1, got {scale}")
+    if config.head.thead_dim % config.head.thead_heads:
+        raise ConfigError(f"head.thead_dim={config.head.thead_dim} is not divisible by head.thead_heads")
+    if config.loss.cross_search and config.loss.search_pairing == "local_to_global" and config.data.n_local_crops < 1:
+        raise ConfigError("loss.search_pairing=local_to_global needs data.n_local_crops >= 1 "
+                          "(or set loss.search_pairing=global_to_global)")
+    if config.train.batch_size < 1:
+        raise ConfigError(f"train.batch_size must be >= 1, got {config.train.batch_size}")
+    if config.train.epochs < 1:
+        raise ConfigError(f"train.epochs must be >= 1, got {config.train.epochs}")

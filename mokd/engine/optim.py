@@ -1,0 +1,85 @@
+"""Optimisers of the students: parameter groups without decay on biases and norms, LARS, clipping."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def parameter_groups(model: nn.Module) -> list[dict]:
+    """Two groups: weights (decayed) and biases / norm parameters / 1-d tensors (never decayed)."""
+    decayed, not_decayed = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (not_decayed if parameter.ndim <= 1 or name.endswith(".bias") else decayed).append(parameter)
+    return [{"params": decayed, "apply_weight_decay": True}, {"params": not_decayed, "apply_weight_decay": False}]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratio (You et al.); biases and norms skip both decay and LARS."""
+
+    def __init__(self, params: Iterable, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001) -> None:
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102
+        for group in self.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is None:
+                    continue
+                update = parameter.grad
+                if parameter.ndim > 1:
+                    update = update.add(parameter, alpha=group["weight_decay"])
+                    weight_norm, update_norm = torch.norm(parameter), torch.norm(update)
+                    ratio = torch.where((weight_norm > 0) & (update_norm > 0),
+                                        group["trust_coefficient"] * weight_norm / update_norm,
+                                        torch.ones_like(weight_norm))
+                    update = update * ratio
+                state = self.state[parameter]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(parameter)
+                buffer = state["momentum_buffer"].mul_(group["momentum"]).add_(update)
+                parameter.add_(buffer, alpha=-group["lr"])
+
+
+def build_optimizer(model: nn.Module, optim_config) -> torch.optim.Optimizer:
+    groups = parameter_groups(model)
+    # lr and weight decay are set by the schedules before every step.
+    if optim_config.name == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, foreach=True)
+    if optim_config.name == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=optim_config.momentum, weight_decay=0.0, foreach=True)
+    if optim_config.name == "lars":
+        return LARS(groups, momentum=optim_config.momentum)
+    raise ValueError(f"optim.name={optim_config.name!r} is not one of sgd, lars, adamw")
+
+
+def set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group["weight_decay"] = weight_decay if group["apply_weight_decay"] else 0.0
+
+
+@torch.no_grad()
+def clip_gradients_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip every parameter's gradient to norm `max_norm` on its own (DINO); return the total norm before."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch.stack(torch._foreach_norm(grads))
+    if max_norm > 0:
+        scales = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, list(scales.unbind()))
+    return norms.norm()
+
+
+def drop_last_layer_gradients_(last_layers: list[nn.Module]) -> None:
+    """Freeze the heads' output layers (first epoch): their gradients are discarded before the step."""
+    for layer in last_layers:
+        for parameter in layer.parameters():
+            parameter.grad = None

@@ -1,0 +1,90 @@
+"""timm backbones behind one interface: a pooled vector z and feature tokens Z per image.
+
+ResNet: z = global average pool of the last stage, Z = the last-stage map flattened to H*W tokens.
+ViT:    z = the CLS token after the final norm, Z = the patch tokens after the final norm.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import timm
+import torch
+from torch import nn
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+VIT_HEADS = {"vit_tiny_patch16_224": 3, "vit_small_patch16_224": 6, "vit_base_patch16_224": 12}
+VITS = tuple(VIT_HEADS)
+SMALL_IMAGE_PATCH = 4
+
+
+class BackboneOutput(NamedTuple):
+    pooled: torch.Tensor  # [B, C]
+    tokens: torch.Tensor  # [B, N, C]
+    grid: tuple[int, int]  # token grid (h, w), N = h * w
+
+
+def check_backbone(name: str, model_config) -> None:
+    """Refuse a backbone the engine cannot build; `name` is the config section (model1/model2)."""
+    from mokd.config import ConfigError
+
+    if model_config.backbone not in RESNETS + VITS:
+        raise ConfigError(f"{name}.backbone={model_config.backbone!r} is not supported; "
+                          f"choose one of {', '.join(RESNETS + VITS)}")
+    is_vit = model_config.backbone in VITS
+    for key in ("depth", "num_heads"):
+        if getattr(model_config, key) is not None and not is_vit:
+            raise ConfigError(f"{name}.{key} applies to ViT backbones only, not {model_config.backbone}")
+    if is_vit and model_config.width is not None:
+        heads = model_config.num_heads or VIT_HEADS[model_config.backbone]
+        if model_config.width % heads:
+            raise ConfigError(f"{name}.width={model_config.width} is not divisible by its {heads} attention heads")
+
+
+def is_vit(backbone_name: str) -> bool:
+    return backbone_name in VITS
+
+
+def patch_size(model_config) -> int:
+    """Pixels per token side: the ViT patch, or the ResNet's total stride."""
+    if is_vit(model_config.backbone):
+        return SMALL_IMAGE_PATCH if model_config.small_image else 16
+    return 8 if model_config.small_image else 32
+
+
+class Backbone(nn.Module):
+    """A timm ResNet or ViT returning (pooled, tokens, grid) for a batch of same-size crops."""
+
+    def __init__(self, model_config, in_chans: int, image_size: int, drop_path: float) -> None:
+        super().__init__()
+        self.is_vit = is_vit(model_config.backbone)
+        kwargs: dict = dict(pretrained=False, num_classes=0, in_chans=in_chans, drop_path_rate=drop_path)
+        if self.is_vit:
+            kwargs.update(img_size=image_size, dynamic_img_size=True)
+            if model_config.small_image:
+                kwargs["patch_size"] = SMALL_IMAGE_PATCH
+            for key, timm_key in (("width", "embed_dim"), ("depth", "depth"), ("num_heads", "num_heads")):
+                if getattr(model_config, key) is not None:
+                    kwargs[timm_key] = getattr(model_config, key)
+        elif model_config.width is not None:
+            width = model_config.width
+            kwargs.update(stem_width=width, channels=(width, 2 * width, 4 * width, 8 * width))
+        self.net = timm.create_model(model_config.backbone, **kwargs)
+        if not self.is_vit and model_config.small_image:
+            # CIFAR-style stem: a 3x3 stride-1 convolution and no max-pool, so 28-32 px images keep a 4x4 map.
+            stem_out = self.net.conv1.out_channels
+            self.net.conv1 = nn.Conv2d(in_chans, stem_out, kernel_size=3, stride=1, padding=1, bias=False)
+            self.net.maxpool = nn.Identity()
+        self.num_features: int = self.net.num_features
+
+    def forward(self, images: torch.Tensor) -> BackboneOutput:
+        features = self.net.forward_features(images)
+        if self.is_vit:
+            prefix = self.net.num_prefix_tokens
+            height, width = images.shape[-2:]
+            patch = self.net.patch_embed.patch_size
+            grid = (height // patch[0], width // patch[1])
+            return BackboneOutput(features[:, 0], features[:, prefix:], grid)
+        grid = (features.shape[-2], features.shape[-1])
+        tokens = features.flatten(2).transpose(1, 2)
+        return BackboneOutput(tokens.mean(dim=1), tokens, grid)
