@@ -1,0 +1,29 @@
+"""Data layer: datasets by source, DINO multi-crop transforms, deterministic resumable loaders."""
+
+from mokd.data.fashion_mnist import FashionMNIST
+from mokd.data.loader import (
+    MultiCropDataset,
+    ResumableBatchSampler,
+    build_eval_loader,
+    build_train_loader,
+    collate_crops,
+)
+from mokd.data.sources import SOURCES, ImageFolderDataset, SyntheticDataset, build_dataset, num_classes
+from mokd.data.transforms import EvalTransform, MultiCropTransform, dataset_statistics
+
+__all__ = [
+    "SOURCES",
+    "EvalTransform",
+    "FashionMNIST",
+    "ImageFolderDataset",
+    "MultiCropDataset",
+    "MultiCropTransform",
+    "ResumableBatchSampler",
+    "SyntheticDataset",
+    "build_dataset",
+    "build_eval_loader",
+    "build_train_loader",
+    "collate_crops",
+    "dataset_statistics",
+    "num_classes",
+]

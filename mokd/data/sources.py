@@ -1,0 +1,147 @@
+"""Dataset sources by name: Fashion-MNIST, an ImageFolder tree, or synthetic images made on the fly.
+
+Every dataset returned here yields (PIL image, int label) and exposes `.channels` (1 or 3), `.targets`
+(list of int labels) and `.classes`.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset, Subset
+from torchvision.datasets import ImageFolder
+
+from mokd.data.fashion_mnist import FashionMNIST
+
+SOURCES = ("fashion_mnist", "imagefolder", "synthetic")
+
+
+class ImageFolderDataset(ImageFolder):
+    """torchvision ImageFolder (root/<class>/<image>); its default loader converts every image to RGB."""
+
+    channels: int = 3
+
+
+class SyntheticDataset(Dataset):
+    """Images with class-dependent structure, generated deterministically from (seed, split, index).
+
+    Class k is an oriented sinusoidal grating (orientation k*pi/K, 2 + k%3 cycles across the image) tinted
+    with the hue k/K (3 channels) under a random phase and Gaussian noise. Orientation and frequency survive
+    cropping, flipping and colour jitter only partially, hue adds a second cue: enough for a self-supervised
+    learner to separate the classes while not being trivially linearly separable in pixel space.
+    Train and test draw from different noise streams, so the two splits share no image.
+    """
+
+    def __init__(
+        self, size: int, image_size: int, num_classes: int, channels: int, seed: int, split: str
+    ) -> None:
+        if channels not in (1, 3):
+            raise ValueError(f"synthetic_channels must be 1 or 3, got {channels}")
+        if size <= 0 or image_size <= 0 or num_classes <= 0:
+            raise ValueError(
+                f"synthetic_size, synthetic_image_size and synthetic_classes must be positive, "
+                f"got {size}, {image_size}, {num_classes}"
+            )
+        if seed < 0:
+            raise ValueError(f"synthetic seed must be non-negative, got {seed}")
+        self.size, self.image_size, self.channels, self.seed = size, image_size, channels, seed
+        self.split = split
+        # Any split other than train is a held-out one; all of them share one stream distinct from train's.
+        self._split_code = 0 if split == "train" else 1
+        self.classes = [f"class_{k}" for k in range(num_classes)]
+        self.targets: list[int] = [i % num_classes for i in range(size)]  # balanced classes
+        self._colours = np.array(
+            [colorsys.hsv_to_rgb(k / num_classes, 0.8, 1.0) for k in range(num_classes)], dtype=np.float32
+        )
+        grid = (np.arange(image_size, dtype=np.float32) + 0.5) / image_size
+        self._ys, self._xs = np.meshgrid(grid, grid, indexing="ij")
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        if not 0 <= index < self.size:
+            raise IndexError(f"synthetic index {index} out of range [0, {self.size})")
+        label = self.targets[index]
+        # A private generator per item: the image depends only on (seed, split, index), never on call order.
+        rng = np.random.default_rng([self.seed, self._split_code, index])
+        num_classes = len(self.classes)
+        angle = np.pi * label / num_classes + rng.normal(0.0, 0.05)
+        cycles = 2.0 + label % 3
+        phase = rng.uniform(0.0, 2.0 * np.pi)
+        wave = np.sin(2.0 * np.pi * cycles * (self._xs * np.cos(angle) + self._ys * np.sin(angle)) + phase)
+        intensity = 0.5 + 0.4 * wave
+        if self.channels == 3:
+            pixels = intensity[..., None] * self._colours[label]
+        else:
+            pixels = intensity
+        pixels = pixels + rng.normal(0.0, 0.08, size=pixels.shape)
+        array = (np.clip(pixels, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        return Image.fromarray(array), label  # uint8 HxW -> "L", HxWx3 -> "RGB"
+
+
+def _imagefolder_directory(root: str | os.PathLike | None, split: str) -> Path:
+    """root/<split>; "test" falls back to root/val because ImageNet-style trees ship only train and val."""
+    if root is None:
+        raise ValueError("data source 'imagefolder' needs data.root (a directory with train/ and val/)")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"imagefolder split {split!r} is unknown; valid splits: ['test', 'train', 'val']")
+    base = Path(root)
+    candidates = [base / split] + ([base / "val"] if split == "test" else [])
+    for directory in candidates:
+        if directory.is_dir():
+            return directory
+    raise FileNotFoundError(
+        f"ImageFolder split {split!r} not found: searched {', '.join(str(c) for c in candidates)} "
+        f"(expected <data.root>/{split}/<class>/<image>)"
+    )
+
+
+def build_dataset(
+    source: str,
+    split: str,
+    root: str | os.PathLike | None,
+    synthetic_size: int = 512,
+    synthetic_image_size: int = 32,
+    synthetic_classes: int = 10,
+    synthetic_channels: int = 3,
+    seed: int = 0,
+) -> Dataset:
+    """The `split` ("train", "val" or "test") of data source `source` (one of SOURCES).
+
+    `root` is the data directory (Fashion-MNIST: optional, searched for otherwise; ImageFolder: required).
+    The synthetic_* arguments and `seed` only affect the synthetic source.
+    """
+    if source == "fashion_mnist":
+        return FashionMNIST(split, root)
+    if source == "imagefolder":
+        directory = _imagefolder_directory(root, split)
+        try:
+            return ImageFolderDataset(str(directory))
+        except FileNotFoundError as exc:  # torchvision's message for a tree with no classes or no images
+            raise ValueError(
+                f"ImageFolder directory {directory} holds no images in class subdirectories "
+                f"(expected {directory}/<class>/<image>): {exc}"
+            ) from None
+    if source == "synthetic":
+        return SyntheticDataset(
+            synthetic_size, synthetic_image_size, synthetic_classes, synthetic_channels, seed, split
+        )
+    raise ValueError(f"data source {source!r} is unknown; valid sources: {list(SOURCES)}")
+
+
+def num_classes(dataset: Dataset) -> int:
+    """Number of classes of a dataset from this module (or a torch Subset of one)."""
+    while isinstance(dataset, Subset):  # label-subset fine-tuning wraps datasets in Subset
+        dataset = dataset.dataset
+    classes = getattr(dataset, "classes", None)
+    if classes is not None:
+        return len(classes)
+    targets = getattr(dataset, "targets", None)
+    if targets is None or len(targets) == 0:
+        raise TypeError(f"{type(dataset).__name__} exposes neither .classes nor non-empty .targets")
+    return int(max(targets)) + 1
