@@ -180,7 +180,8 @@ def describe_options(schema: type = MOKDConfig, prefix: str = "") -> list[tuple[
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    """Presets that name a whole run (bases meant only for `inherit:` end in `_base`)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.endswith("_base"))
 
 
 def _preset_path(preset: str) -> Path:
@@ -203,12 +204,26 @@ def _merge(base: DictConfig, layer: Any, origin: str) -> DictConfig:
         raise ConfigError(f"{origin}: bad value for {key!r}: {error.msg}") from None
 
 
+INHERIT_KEY = "inherit"
+
+
+def _merge_preset(config: DictConfig, preset: str, chain: tuple[str, ...] = ()) -> DictConfig:
+    """Merge a preset, after the preset it names with `inherit:` (shared settings of a family of presets)."""
+    path = _preset_path(preset)
+    if str(path) in chain:
+        raise ConfigError(f"preset {path}: circular inherit through {' -> '.join(chain)}")
+    layer = OmegaConf.load(path)
+    parent = layer.pop(INHERIT_KEY, None)
+    if parent is not None:
+        config = _merge_preset(config, parent, chain + (str(path),))
+    return _merge(config, layer, f"preset {path}")
+
+
 def load_config(preset: Optional[str] = None, overrides: Optional[list[str]] = None) -> MOKDConfig:
     """Schema defaults, then the preset, then `key=value` overrides; validated; returned as a typed object."""
     config = OmegaConf.structured(MOKDConfig)
     if preset is not None:
-        path = _preset_path(preset)
-        config = _merge(config, OmegaConf.load(path), f"preset {path}")
+        config = _merge_preset(config, preset)
     for override in overrides or []:
         if "=" not in override:
             raise ConfigError(f"override {override!r} is not of the form key=value")

@@ -58,6 +58,7 @@ class Backbone(nn.Module):
     def __init__(self, model_config, in_chans: int, image_size: int, drop_path: float) -> None:
         super().__init__()
         self.is_vit = is_vit(model_config.backbone)
+        self.in_chans = in_chans
         kwargs: dict = dict(pretrained=False, num_classes=0, in_chans=in_chans, drop_path_rate=drop_path)
         if self.is_vit:
             kwargs.update(img_size=image_size, dynamic_img_size=True)
