@@ -1,0 +1,7 @@
+"""Fused ops: DINO cross-entropy, EMA update, attention dispatch (reference, torch fast path, Triton on CUDA)."""
+
+from mokd.kernels.attention import attention
+from mokd.kernels.dino_cross_entropy import DinoCrossEntropyOutput, dino_cross_entropy
+from mokd.kernels.ema import ema_
+
+__all__ = ["DinoCrossEntropyOutput", "attention", "dino_cross_entropy", "ema_"]

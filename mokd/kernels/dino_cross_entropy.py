@@ -1,0 +1,520 @@
+"""DINO cross-entropy between a student over all crops and a teacher over some crops.
+
+Definitions (every statistic in fp32 for fp32/bf16/fp16 inputs; the torch and reference paths keep fp64 inputs in
+fp64, which is what lets gradcheck verify the analytic backward):
+
+    p_v    = softmax((t_v - c) / tau_t)           teacher probabilities, one row per (teacher view v, image b)
+    log q_u = log_softmax(s_u / tau_s)             student log-probabilities, one row per (student crop u, image b)
+    CE(p, s_u) = -sum_k p_k log q_u,k = lse(s_u / tau_s) - <p, s_u> / tau_s      (because sum_k p_k = 1)
+    loss  = 1 / (n_pairs * B) * sum_{pairs (v, u)} sum_b CE(p_vb, s_ub)
+
+so the loss needs only one log-sum-exp per student row and one dot product per (pair, image): nothing of size
+pairs x B x K is ever built. Its gradient, with w_u the number of teacher views paired with crop u, is
+
+    dL/ds_u = (w_u * softmax(s_u / tau_s) - sum_{v paired with u} p_v) / (tau_s * n_pairs * B).
+
+Pairings: ``"dino"`` pairs every teacher view v with every student crop u != v (student crops 0..T-1 are the
+teacher's views); ``"one_to_one"`` pairs row r with row r, which is the ``"dino"`` layout with S = T = 1, B = rows
+and the u == v pair kept; every implementation below works on that canonical form (S, T, B, exclude_same).
+
+Side outputs, computed in the same pass over the teacher: the column sums of the raw teacher logits (the centre
+update c <- m c + (1 - m) colsum / rows) and the mean teacher entropy H(p_v) = lse - <p_v, z_v> (a collapse
+monitor: ln K for a uniform teacher, 0 for a one-hot one).
+
+Three implementations share this contract:
+  * ``reference``: the literal DINO double loop over (v, u) with plain torch ops; the baseline for tests.
+  * ``torch``: the identity above in an autograd.Function with the analytic backward; the CPU default.
+  * ``triton``: a fused forward (one read of teacher and student) and a fused backward (one more read of both,
+    one write of the gradient); the CUDA default.
+The teacher logits and the centre never receive a gradient: every implementation treats them as detached,
+so ``teacher_logits.grad`` stays ``None`` even when the caller passes a tensor that requires grad.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+
+    _jit = triton.jit
+except ImportError:  # CPU-only torch wheels (macOS, Windows) ship without Triton; the kernels are then never launched
+    triton = None
+    tl = None
+
+    def _jit(fn):
+        return fn
+
+
+IMPLS = ("auto", "triton", "torch", "reference")
+PAIRINGS = ("dino", "one_to_one")
+
+
+class DinoCrossEntropyOutput(NamedTuple):
+    loss: torch.Tensor  # scalar fp32, differentiable w.r.t. the student logits only
+    teacher_column_sum: torch.Tensor  # [K] fp32, detached: sum over all teacher rows of the raw logits
+    teacher_entropy: torch.Tensor  # scalar fp32, detached: mean over teacher rows of H(p_v)
+
+
+class _Layout(NamedTuple):
+    """Canonical pair layout: rows are ``crop * batch + image``; pairs (v, u) for v < teacher, u < student."""
+
+    student: int  # S
+    teacher: int  # T
+    batch: int  # B
+    exclude_same: bool  # True for "dino" (u != v), False for "one_to_one" (after reshaping to S = T = 1)
+
+    @property
+    def n_pairs(self) -> int:
+        return self.student * self.teacher - (min(self.student, self.teacher) if self.exclude_same else 0)
+
+    def pair_weights(self) -> list[int]:
+        """w_u: how many teacher views are paired with student crop u."""
+        return [self.teacher - int(self.exclude_same and u < self.teacher) for u in range(self.student)]
+
+
+def _validate(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    centre: torch.Tensor | None,
+    student_temperature: float,
+    teacher_temperature: float,
+    batch_size: int,
+    pairing: str,
+    impl: str,
+) -> _Layout:
+    if impl not in IMPLS:
+        raise ValueError(f"dino_cross_entropy: impl must be one of {IMPLS}, got {impl!r}")
+    if pairing not in PAIRINGS:
+        raise ValueError(f"dino_cross_entropy: pairing must be one of {PAIRINGS}, got {pairing!r}")
+    if student_logits.dim() != 2 or teacher_logits.dim() != 2:
+        raise ValueError(
+            "dino_cross_entropy: student_logits and teacher_logits must be 2-D [crops*batch, K], got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    if not (student_logits.is_floating_point() and teacher_logits.is_floating_point()):
+        raise ValueError("dino_cross_entropy: logits must be floating point")
+    k = student_logits.shape[1]
+    if teacher_logits.shape[1] != k:
+        raise ValueError(f"dino_cross_entropy: K differs: student {k}, teacher {teacher_logits.shape[1]}")
+    if k == 0:
+        raise ValueError("dino_cross_entropy: K must be at least 1")
+    if centre is not None and tuple(centre.shape) != (k,):
+        raise ValueError(f"dino_cross_entropy: centre must have shape [{k}], got {tuple(centre.shape)}")
+    if student_temperature <= 0 or teacher_temperature <= 0:
+        raise ValueError(
+            f"dino_cross_entropy: temperatures must be positive, got student {student_temperature}, "
+            f"teacher {teacher_temperature}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"dino_cross_entropy: batch_size must be >= 1, got {batch_size}")
+    rows_s, rows_t = student_logits.shape[0], teacher_logits.shape[0]
+    for name, rows in (("student_logits", rows_s), ("teacher_logits", rows_t)):
+        if rows == 0 or rows % batch_size:
+            raise ValueError(
+                f"dino_cross_entropy: {name} has {rows} rows, not a positive multiple of batch_size={batch_size}"
+            )
+    if pairing == "one_to_one":
+        if rows_s != rows_t:
+            raise ValueError(
+                f"dino_cross_entropy: pairing='one_to_one' needs as many student as teacher rows, "
+                f"got {rows_s} and {rows_t}"
+            )
+        return _Layout(1, 1, rows_s, exclude_same=False)
+    layout = _Layout(rows_s // batch_size, rows_t // batch_size, batch_size, exclude_same=True)
+    if layout.n_pairs == 0:
+        raise ValueError(
+            "dino_cross_entropy: pairing='dino' with 1 student crop and 1 teacher view has no pair (u != v); "
+            "use pairing='one_to_one' or give more crops"
+        )
+    return layout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reference: the literal DINO loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    centre: torch.Tensor | None,
+    student_temperature: float,
+    teacher_temperature: float,
+    batch_size: int,
+    pairing: str,
+) -> DinoCrossEntropyOutput:
+    """DINO's loop: for each teacher view v and student crop u (u != v), mean_b sum_k -p_v log q_u."""
+    acc = _accumulation_dtype(student_logits)
+    teacher = teacher_logits.detach().to(acc)
+    centred = teacher if centre is None else teacher - centre.detach().to(acc)
+    log_p = F.log_softmax(centred / teacher_temperature, dim=-1)
+    p = log_p.exp()
+    log_q = F.log_softmax(student_logits.to(acc) / student_temperature, dim=-1)
+    p_views, log_q_crops = p.split(batch_size), log_q.split(batch_size)
+    total, n_terms = torch.zeros((), dtype=acc, device=student_logits.device), 0
+    if pairing == "one_to_one":
+        pairs = [(r, r) for r in range(len(log_q_crops))]
+    else:
+        pairs = [(v, u) for v in range(len(p_views)) for u in range(len(log_q_crops)) if u != v]
+    for v, u in pairs:
+        total = total + torch.sum(-p_views[v] * log_q_crops[u], dim=-1).mean()
+        n_terms += 1
+    entropy = -(p * log_p).sum(dim=-1).mean()
+    return DinoCrossEntropyOutput(total / n_terms, teacher.sum(dim=0), entropy)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch: the log-sum-exp / dot-product identity with an analytic backward
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _row_weights(layout: _Layout, like: torch.Tensor) -> torch.Tensor:
+    """w_u repeated over the batch: one weight per student row, as a [S*B, 1] column."""
+    w = torch.tensor(layout.pair_weights(), dtype=like.dtype, device=like.device)
+    return w.repeat_interleave(layout.batch).unsqueeze(1)
+
+
+class _TorchDinoCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, centre, tau_s, tau_t, layout):
+        S, T, B = layout.student, layout.teacher, layout.batch
+        K = student.shape[1]
+        acc = _accumulation_dtype(student)
+        s = student.to(acc)
+        # Row log-sum-exp of s / tau_s; the only per-element work on the (large) student in the forward.
+        lse_s = torch.logsumexp(s * (1.0 / tau_s), dim=1)
+        t = teacher.to(acc)
+        column_sum = t.sum(dim=0)
+        z = (t if centre is None else t - centre.to(acc)) * (1.0 / tau_t)
+        log_p = torch.log_softmax(z, dim=1)
+        p = log_p.exp()
+        entropy = -torch.einsum("rk,rk->r", p, log_p).mean()
+        # sum over pairs and images of <p_v, s_u>: with P = sum_v p_v, this is <P, sum_u s_u> minus the
+        # excluded same-view pairs <p_u, s_u>, so only [B, K]-sized sums are formed.
+        p_all = p.view(T, B, K).sum(dim=0)
+        cross = torch.dot(p_all.flatten(), s.view(S, B, K).sum(dim=0).flatten())
+        if layout.exclude_same:
+            m = min(S, T) * B
+            cross = cross - torch.dot(p[:m].flatten(), s[:m].flatten())
+        weighted_lse = torch.dot(_row_weights(layout, s).squeeze(1), lse_s)
+        loss = (weighted_lse - cross / tau_s) / (layout.n_pairs * B)
+        ctx.save_for_backward(student, lse_s, p)
+        ctx.tau_s, ctx.layout = tau_s, layout
+        ctx.mark_non_differentiable(column_sum, entropy)
+        return loss, column_sum, entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_column_sum, _grad_entropy):
+        student, lse_s, p = ctx.saved_tensors
+        layout, tau_s = ctx.layout, ctx.tau_s
+        S, T, B = layout.student, layout.teacher, layout.batch
+        K = student.shape[1]
+        # w_u * softmax(s_u / tau_s) = exp(s_u / tau_s - lse_u + log w_u): weight folded into the exponent
+        # (log 0 = -inf gives the zero row of a crop without pairs), one fused add then in-place ops only.
+        bias = torch.log(_row_weights(layout, lse_s)) - lse_s.unsqueeze(1)
+        grad = torch.add(bias, student.to(lse_s.dtype), alpha=1.0 / tau_s).exp_()
+        grad.view(S, B, K).sub_(p.view(T, B, K).sum(dim=0))
+        if layout.exclude_same:
+            m = min(S, T) * B
+            grad[:m].add_(p[:m])  # crop u < T is not paired with its own view: give p_u back
+        grad.mul_(grad_loss / (tau_s * layout.n_pairs * B))
+        return grad.to(student.dtype), None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# triton: fused forward (partials over K blocks + a combine) and fused backward
+# ----------------------------------------------------------------------------------------------------------------
+
+# Stand-in for -inf in the combine step: finite, so that (m - M) * 0 stays 0 for padded and masked entries.
+_NEG_BIG = -1.0e30
+
+
+@_jit
+def _dino_ce_fwd_partials_kernel(
+    s_ptr, t_ptr, c_ptr, column_sum_ptr,
+    t_max_ptr, t_sum_ptr, t_shift_ptr, s_max_ptr, s_sum_ptr, dot_ptr,
+    K, B, n_blocks, stride_s, stride_t, inv_tau_s, inv_tau_t,
+    S: tl.constexpr, T: tl.constexpr, T_PAD: tl.constexpr, HAS_CENTRE: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One program per block of BLOCK_K columns, looping over the images b.
+
+    For each (b, block) it writes block-local softmax statistics relative to the block maximum m:
+      teacher v: m_v, sum e^{z-m_v}, sum e^{z-m_v} (z-m_v)       (z = (t - c) / tau_t)
+      student u: m_u, sum e^{x-m_u}                              (x = s / tau_s)
+      pair (v, u): sum_k e^{z_vk - m_v} s_uk                     (un-normalised <p_v, s_u>)
+    and, summed over all b and v, the raw teacher column sums of its block (deterministic: no atomics).
+    """
+    blk = tl.program_id(0)
+    offs = blk * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_mask = offs < K
+    views = tl.arange(0, T_PAD)
+    view_mask = views < T
+    tile_mask = view_mask[:, None] & col_mask[None, :]
+    if HAS_CENTRE:
+        centre = tl.load(c_ptr + offs, mask=col_mask, other=0.0).to(tl.float32)
+    column_sum = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for b in range(0, B):
+        t_rows = (views * B + b).to(tl.int64)
+        t = tl.load(t_ptr + t_rows[:, None] * stride_t + offs[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        column_sum += tl.sum(t, axis=0)
+        if HAS_CENTRE:
+            t = t - centre[None, :]
+        z = t * inv_tau_t
+        # Masked entries are zeroed rather than set to -inf so that no inf * 0 appears; padded views get max 0.
+        m_t = tl.where(view_mask, tl.max(tl.where(tile_mask, z, float("-inf")), axis=1), 0.0)
+        shifted = tl.where(tile_mask, z - m_t[:, None], 0.0)
+        e = tl.where(tile_mask, tl.exp(shifted), 0.0)
+        part = (b * n_blocks + blk) * T + views
+        tl.store(t_max_ptr + part, m_t, mask=view_mask)
+        tl.store(t_sum_ptr + part, tl.sum(e, axis=1), mask=view_mask)
+        tl.store(t_shift_ptr + part, tl.sum(e * shifted, axis=1), mask=view_mask)
+        for u in tl.static_range(S):
+            s_row = (u * B + b).to(tl.int64)
+            s = tl.load(s_ptr + s_row * stride_s + offs, mask=col_mask, other=0.0).to(tl.float32)
+            x = tl.where(col_mask, s * inv_tau_s, float("-inf"))
+            m_s = tl.max(x, axis=0)
+            s_part = (b * n_blocks + blk) * S + u
+            tl.store(s_max_ptr + s_part, m_s)
+            tl.store(s_sum_ptr + s_part, tl.sum(tl.exp(x - m_s), axis=0))
+            tl.store(dot_ptr + s_part * T + views, tl.sum(e * s[None, :], axis=1), mask=view_mask)
+    tl.store(column_sum_ptr + offs, column_sum, mask=col_mask)
+
+
+@_jit
+def _dino_ce_fwd_combine_kernel(
+    t_max_ptr, t_sum_ptr, t_shift_ptr, s_max_ptr, s_sum_ptr, dot_ptr,
+    lse_t_ptr, lse_s_ptr, loss_ptr, entropy_ptr,
+    B, n_blocks, inv_tau_s,
+    S: tl.constexpr, T: tl.constexpr, T_PAD: tl.constexpr, S_PAD: tl.constexpr, Q_PAD: tl.constexpr,
+    EXCLUDE_SAME: tl.constexpr, NEG_BIG: tl.constexpr, TILE: tl.constexpr,
+):
+    """One program per image b: merges the per-block statistics into row lse's, the entropy and the loss.
+
+    Merging blocks with global maximum M: L = sum_blk e^{m-M} l,  A = sum_blk e^{m-M} (a + (m-M) l),
+    lse = M + log L, H = log L - A / L, <p_v, s_u> = sum_blk e^{m_v-M_v} d_vu / L_v.
+    Pass 1 finds the maxima, pass 2 sums; pair quantities (index q = u*T + v) recompute their view's maximum
+    in the pair layout, which gives the same numbers without a gather.
+    """
+    b = tl.program_id(0)
+    views = tl.arange(0, T_PAD)
+    crops = tl.arange(0, S_PAD)
+    pairs = tl.arange(0, Q_PAD)
+    pair_view = pairs % T
+    pair_crop = pairs // T
+    view_mask, crop_mask, pair_mask = views < T, crops < S, pairs < S * T
+    max_t = tl.full([T_PAD], NEG_BIG, tl.float32)
+    max_s = tl.full([S_PAD], NEG_BIG, tl.float32)
+    max_q = tl.full([Q_PAD], NEG_BIG, tl.float32)
+    for j0 in range(0, n_blocks, TILE):
+        blocks = j0 + tl.arange(0, TILE)
+        row = (b * n_blocks + blocks)[:, None]
+        bm = (blocks < n_blocks)[:, None]
+        tm = tl.load(t_max_ptr + row * T + views[None, :], mask=bm & view_mask[None, :], other=NEG_BIG)
+        sm = tl.load(s_max_ptr + row * S + crops[None, :], mask=bm & crop_mask[None, :], other=NEG_BIG)
+        qm = tl.load(t_max_ptr + row * T + pair_view[None, :], mask=bm & pair_mask[None, :], other=NEG_BIG)
+        max_t = tl.maximum(max_t, tl.max(tm, axis=0))
+        max_s = tl.maximum(max_s, tl.max(sm, axis=0))
+        max_q = tl.maximum(max_q, tl.max(qm, axis=0))
+    sum_t = tl.zeros([T_PAD], dtype=tl.float32)
+    shift_t = tl.zeros([T_PAD], dtype=tl.float32)
+    sum_s = tl.zeros([S_PAD], dtype=tl.float32)
+    sum_q = tl.zeros([Q_PAD], dtype=tl.float32)
+    dot_q = tl.zeros([Q_PAD], dtype=tl.float32)
+    for j0 in range(0, n_blocks, TILE):
+        blocks = j0 + tl.arange(0, TILE)
+        row = (b * n_blocks + blocks)[:, None]
+        bm = (blocks < n_blocks)[:, None]
+        tmask, smask, qmask = bm & view_mask[None, :], bm & crop_mask[None, :], bm & pair_mask[None, :]
+        tm = tl.load(t_max_ptr + row * T + views[None, :], mask=tmask, other=NEG_BIG) - max_t[None, :]
+        tsum = tl.load(t_sum_ptr + row * T + views[None, :], mask=tmask, other=0.0)
+        ta = tl.load(t_shift_ptr + row * T + views[None, :], mask=tmask, other=0.0)
+        rescale = tl.exp(tm)
+        sum_t += tl.sum(rescale * tsum, axis=0)
+        shift_t += tl.sum(rescale * (ta + tm * tsum), axis=0)
+        sm = tl.load(s_max_ptr + row * S + crops[None, :], mask=smask, other=NEG_BIG) - max_s[None, :]
+        sl = tl.load(s_sum_ptr + row * S + crops[None, :], mask=smask, other=0.0)
+        sum_s += tl.sum(tl.exp(sm) * sl, axis=0)
+        qm = tl.exp(tl.load(t_max_ptr + row * T + pair_view[None, :], mask=qmask, other=NEG_BIG) - max_q[None, :])
+        ql = tl.load(t_sum_ptr + row * T + pair_view[None, :], mask=qmask, other=0.0)
+        qd = tl.load(dot_ptr + row * (S * T) + pairs[None, :], mask=qmask, other=0.0)
+        sum_q += tl.sum(qm * ql, axis=0)
+        dot_q += tl.sum(qm * qd, axis=0)
+    # Padded views, crops and pairs have zero sums: replace them by 1 so that log and division stay finite.
+    sum_t = tl.where(view_mask, sum_t, 1.0)
+    sum_s = tl.where(crop_mask, sum_s, 1.0)
+    sum_q = tl.where(pair_mask, sum_q, 1.0)
+    tl.store(lse_t_ptr + views * B + b, max_t + tl.log(sum_t), mask=view_mask)
+    lse_s = max_s + tl.log(sum_s)
+    tl.store(lse_s_ptr + crops * B + b, lse_s, mask=crop_mask)
+    entropy = tl.where(view_mask, tl.log(sum_t) - shift_t / sum_t, 0.0)
+    tl.store(entropy_ptr + b, tl.sum(entropy, axis=0))
+    if EXCLUDE_SAME:
+        weights = tl.where(crops < T, T - 1.0, T * 1.0)
+        valid_pair = pair_mask & (pair_crop != pair_view)
+    else:
+        weights = tl.full([S_PAD], T * 1.0, tl.float32)
+        valid_pair = pair_mask
+    cross = tl.sum(tl.where(valid_pair, dot_q / sum_q, 0.0), axis=0)
+    tl.store(loss_ptr + b, tl.sum(tl.where(crop_mask, weights * lse_s, 0.0), axis=0) - cross * inv_tau_s)
+
+
+@_jit
+def _dino_ce_bwd_kernel(
+    s_ptr, t_ptr, c_ptr, lse_s_ptr, lse_t_ptr, grad_loss_ptr, ds_ptr,
+    K, B, stride_s, stride_t, stride_ds, inv_tau_s, inv_tau_t, grad_scale,
+    S: tl.constexpr, T: tl.constexpr, T_PAD: tl.constexpr, HAS_CENTRE: tl.constexpr, EXCLUDE_SAME: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One program per (image b, block of columns): ds_u = (w_u q_u - sum_{v paired u} p_v) * g / (tau_s n B).
+
+    p_v is recomputed from the teacher logits and the saved lse_t; q_u from the student logits and lse_s.
+    """
+    b = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_mask = offs < K
+    views = tl.arange(0, T_PAD)
+    view_mask = views < T
+    tile_mask = view_mask[:, None] & col_mask[None, :]
+    t_rows = (views * B + b).to(tl.int64)
+    t = tl.load(t_ptr + t_rows[:, None] * stride_t + offs[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+    if HAS_CENTRE:
+        t = t - tl.load(c_ptr + offs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    lse_t = tl.load(lse_t_ptr + views * B + b, mask=view_mask, other=0.0)
+    p = tl.where(tile_mask, tl.exp(t * inv_tau_t - lse_t[:, None]), 0.0)
+    p_all = tl.sum(p, axis=0)
+    scale = tl.load(grad_loss_ptr).to(tl.float32) * grad_scale
+    for u in tl.static_range(S):
+        row = (u * B + b).to(tl.int64)
+        s = tl.load(s_ptr + row * stride_s + offs, mask=col_mask, other=0.0).to(tl.float32)
+        q = tl.exp(s * inv_tau_s - tl.load(lse_s_ptr + u * B + b))
+        if EXCLUDE_SAME and u < T:
+            target = p_all - tl.sum(tl.where(views[:, None] == u, p, 0.0), axis=0)
+            ds = ((T - 1) * q - target) * scale
+        else:
+            ds = (T * q - p_all) * scale
+        tl.store(ds_ptr + row * stride_ds + offs, ds.to(ds_ptr.dtype.element_ty), mask=col_mask)
+
+
+def _block_k(K: int, t_pad: int) -> int:
+    # 256 columns x the padded teacher views stay well inside the registers of one program; small K gets a
+    # smaller block so that little of it is masked.
+    return max(16, min(triton.next_power_of_2(K), 256, 4096 // t_pad))
+
+
+def _row_contiguous(x: torch.Tensor) -> torch.Tensor:
+    # The kernels index columns with stride 1 and rows with an arbitrary stride.
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+class _TritonDinoCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, centre, tau_s, tau_t, layout):
+        S, T, B = layout.student, layout.teacher, layout.batch
+        student, teacher = _row_contiguous(student), _row_contiguous(teacher)
+        centre = None if centre is None else centre.float().contiguous()
+        K, device = student.shape[1], student.device
+        t_pad = triton.next_power_of_2(T)
+        block_k = _block_k(K, t_pad)
+        n_blocks = triton.cdiv(K, block_k)
+        f32 = {"device": device, "dtype": torch.float32}
+        column_sum = torch.empty(K, **f32)
+        t_max, t_sum, t_shift = (torch.empty(B, n_blocks, T, **f32) for _ in range(3))
+        s_max, s_sum = (torch.empty(B, n_blocks, S, **f32) for _ in range(2))
+        dots = torch.empty(B, n_blocks, S, T, **f32)
+        _dino_ce_fwd_partials_kernel[(n_blocks,)](
+            student, teacher, centre, column_sum,
+            t_max, t_sum, t_shift, s_max, s_sum, dots,
+            K, B, n_blocks, student.stride(0), teacher.stride(0), 1.0 / tau_s, 1.0 / tau_t,
+            S=S, T=T, T_PAD=t_pad, HAS_CENTRE=centre is not None, BLOCK_K=block_k,
+        )
+        lse_t, lse_s = torch.empty(T * B, **f32), torch.empty(S * B, **f32)
+        loss_per_image, entropy_per_image = torch.empty(B, **f32), torch.empty(B, **f32)
+        _dino_ce_fwd_combine_kernel[(B,)](
+            t_max, t_sum, t_shift, s_max, s_sum, dots,
+            lse_t, lse_s, loss_per_image, entropy_per_image,
+            B, n_blocks, 1.0 / tau_s,
+            S=S, T=T, T_PAD=t_pad, S_PAD=triton.next_power_of_2(S), Q_PAD=triton.next_power_of_2(S * T),
+            EXCLUDE_SAME=layout.exclude_same, NEG_BIG=_NEG_BIG, TILE=64,
+        )
+        loss = loss_per_image.sum() / (layout.n_pairs * B)
+        entropy = entropy_per_image.sum() / (T * B)
+        ctx.save_for_backward(student, teacher, centre, lse_s, lse_t)
+        ctx.tau_s, ctx.tau_t, ctx.layout, ctx.block_k = tau_s, tau_t, layout, block_k
+        ctx.mark_non_differentiable(column_sum, entropy)
+        return loss, column_sum, entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_column_sum, _grad_entropy):
+        student, teacher, centre, lse_s, lse_t = ctx.saved_tensors
+        layout, block_k = ctx.layout, ctx.block_k
+        K = student.shape[1]
+        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        _dino_ce_bwd_kernel[(layout.batch, triton.cdiv(K, block_k))](
+            student, teacher, centre, lse_s, lse_t, grad_loss.float().contiguous(), grad,
+            K, layout.batch, student.stride(0), teacher.stride(0), grad.stride(0),
+            1.0 / ctx.tau_s, 1.0 / ctx.tau_t, 1.0 / (ctx.tau_s * layout.n_pairs * layout.batch),
+            S=layout.student, T=layout.teacher, T_PAD=triton.next_power_of_2(layout.teacher),
+            HAS_CENTRE=centre is not None, EXCLUDE_SAME=layout.exclude_same, BLOCK_K=block_k,
+        )
+        return grad, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _triton_usable(x: torch.Tensor) -> bool:
+    # The Triton interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors; it is how they are tested.
+    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def dino_cross_entropy(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    centre: torch.Tensor | None,
+    student_temperature: float,
+    teacher_temperature: float,
+    batch_size: int,
+    pairing: str = "dino",
+    impl: str = "auto",
+) -> DinoCrossEntropyOutput:
+    """DINO loss of student logits [S*B, K] against teacher logits [T*B, K] (crop-major rows), see module doc.
+
+    ``impl``: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"``, ``"torch"`` or ``"reference"``.
+    The gradient reaches ``student_logits`` only, in its dtype; teacher logits and centre are treated as detached.
+    """
+    layout = _validate(
+        student_logits, teacher_logits, centre, student_temperature, teacher_temperature, batch_size, pairing, impl
+    )
+    if impl == "auto":
+        impl = "triton" if student_logits.is_cuda and triton is not None else "torch"
+    if impl == "reference":
+        return _reference(
+            student_logits, teacher_logits, centre, student_temperature, teacher_temperature, batch_size, pairing
+        )
+    teacher = teacher_logits.detach()
+    centre = None if centre is None else centre.detach()
+    if impl == "torch":
+        fn = _TorchDinoCE
+    else:
+        if not _triton_usable(student_logits):
+            raise ValueError(
+                "dino_cross_entropy: impl='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1 set before "
+                f"import); got {student_logits.device} tensors, triton {'present' if triton else 'missing'}"
+            )
+        fn = _TritonDinoCE
+    loss, column_sum, entropy = fn.apply(
+        student_logits, teacher, centre, float(student_temperature), float(teacher_temperature), layout
+    )
+    return DinoCrossEntropyOutput(loss, column_sum, entropy)

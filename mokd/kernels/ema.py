@@ -1,0 +1,151 @@
+"""In-place exponential moving average over many tensors: theta' <- theta' + (1 - m) (theta - theta').
+
+Used for the teachers (theta' teacher, theta student, m on a cosine schedule) and for the DINO centres
+(c <- m c + (1 - m) batch_mean). The tensors are whatever the caller holds locally: whole parameters, FSDP2
+local shards (``DTensor.to_local()``) or DeepSpeed flat partitions; the update is elementwise, so shards need
+no communication.
+
+One launch per (device, dtype) group:
+  * CUDA (and the Triton interpreter): one Triton kernel over a table of pointers. The plan (each tensor's
+    target and source addresses, its size, and which program covers which block of which tensor) is built
+    once per distinct set of addresses and cached on the device, so a training step costs one launch and no
+    host-to-device copy. Pairs whose target or source is not contiguous cannot be addressed as a flat range
+    and go through ``torch._foreach_lerp_`` instead (correct for any strides).
+  * elsewhere: ``torch._foreach_lerp_(targets, sources, 1 - m)``.
+Both compute in fp32 (torch's opmath for bf16/fp16) with torch.lerp's formula, so they agree with
+``torch.lerp(target, source, 1 - m)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    _jit = triton.jit
+except ImportError:  # CPU-only torch wheels ship without Triton; the kernel is then never launched
+    triton = None
+    tl = None
+
+    def _jit(fn):
+        return fn
+
+
+_BLOCK = 4096  # elements per program: large enough to amortise the table lookups, small enough for many programs
+
+
+@_jit
+def _ema_kernel(
+    target_ptrs, source_ptrs, numels, program_tensor, program_block, weight_ptr, weight,
+    DTYPE: tl.constexpr, WEIGHT_IS_TENSOR: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Program p updates block program_block[p] of tensor program_tensor[p] (addresses read from the tables)."""
+    pid = tl.program_id(0)
+    i = tl.load(program_tensor + pid)
+    target = tl.load(target_ptrs + i).to(tl.pointer_type(DTYPE))
+    source = tl.load(source_ptrs + i).to(tl.pointer_type(DTYPE))
+    offs = tl.load(program_block + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < tl.load(numels + i)
+    if WEIGHT_IS_TENSOR:
+        weight = tl.load(weight_ptr).to(tl.float32)
+    t = tl.load(target + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(source + offs, mask=mask, other=0.0).to(tl.float32)
+    # torch.lerp's two-sided form: exact at both ends (weight 0 and 1) and the same rounding as torch.
+    out = tl.where(tl.abs(weight) < 0.5, t + weight * (s - t), s - (s - t) * (1.0 - weight))
+    tl.store(target + offs, out.to(DTYPE), mask=mask)
+
+
+# float64 stays on the foreach path: the kernel computes in fp32.
+_TL_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+@functools.lru_cache(maxsize=16)
+def _plan(device: torch.device, pointers: tuple[tuple[int, int, int], ...]) -> tuple[torch.Tensor, ...]:
+    """Device tables for (target address, source address, numel) triples; cached, as parameters do not move."""
+    targets, sources, numels = (torch.tensor(col, dtype=torch.int64) for col in zip(*pointers))
+    blocks = (numels + _BLOCK - 1) // _BLOCK
+    program_tensor = torch.repeat_interleave(torch.arange(len(pointers), dtype=torch.int32), blocks)
+    first_program = torch.cumsum(blocks, 0) - blocks
+    program_block = (torch.arange(len(program_tensor)) - first_program[program_tensor.long()]).to(torch.int32)
+    return tuple(x.to(device) for x in (targets, sources, numels, program_tensor, program_block))
+
+
+def _triton_usable(device: torch.device) -> bool:
+    # The Triton interpreter (TRITON_INTERPRET=1) runs the kernel on CPU tensors; it is how it is tested.
+    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _launch(targets: list[torch.Tensor], sources: list[torch.Tensor], weight: float | torch.Tensor) -> None:
+    device, dtype = targets[0].device, targets[0].dtype
+    tables = _plan(device, tuple((t.data_ptr(), s.data_ptr(), t.numel()) for t, s in zip(targets, sources)))
+    weight_is_tensor = isinstance(weight, torch.Tensor)
+    _ema_kernel[(len(tables[3]),)](
+        *tables,
+        weight if weight_is_tensor else None,
+        0.0 if weight_is_tensor else weight,
+        DTYPE=getattr(tl, _TL_DTYPES[dtype]), WEIGHT_IS_TENSOR=weight_is_tensor, BLOCK=_BLOCK,
+    )
+
+
+def _foreach_lerp(targets: list[torch.Tensor], sources: list[torch.Tensor], weight: float | torch.Tensor) -> None:
+    if isinstance(weight, torch.Tensor):
+        # The list overload keeps a device-side weight on the device (the scalar overload would sync to read it).
+        torch._foreach_lerp_(targets, sources, [weight] * len(targets))
+    else:
+        torch._foreach_lerp_(targets, sources, weight)
+
+
+def ema_(
+    targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], momentum: float | torch.Tensor
+) -> None:
+    """In place, for every pair: target <- target + (1 - momentum) * (source - target).
+
+    ``momentum`` is a float or a 0-dim tensor (it may live on the device, so a schedule never forces a sync).
+    Pairs must agree in shape, dtype and device; any mix of dtypes and devices is grouped, one launch per group.
+    Sources are read without autograd (``.detach()``), targets are written in place.
+    """
+    if len(targets) != len(sources):
+        raise ValueError(f"ema_: {len(targets)} targets but {len(sources)} sources")
+    if isinstance(momentum, torch.Tensor):
+        if momentum.dim() != 0:
+            raise ValueError(f"ema_: momentum tensor must be 0-dim, got shape {tuple(momentum.shape)}")
+        weight: float | torch.Tensor = 1.0 - momentum.detach().float()
+    else:
+        weight = 1.0 - float(momentum)
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = defaultdict(lambda: ([], []))
+    for i, (target, source) in enumerate(zip(targets, sources)):
+        if target.shape != source.shape:
+            raise ValueError(f"ema_: pair {i}: target shape {tuple(target.shape)} != source {tuple(source.shape)}")
+        if target.dtype != source.dtype or target.device != source.device:
+            raise ValueError(
+                f"ema_: pair {i}: target is {target.dtype} on {target.device}, source {source.dtype} on "
+                f"{source.device}; they must match"
+            )
+        if not target.is_floating_point():
+            raise ValueError(f"ema_: pair {i}: dtype {target.dtype} is not floating point")
+        group = groups[(target.device, target.dtype)]
+        group[0].append(target.detach())
+        group[1].append(source.detach())
+    for (device, dtype), (group_targets, group_sources) in groups.items():
+        group_weight = weight.to(device) if isinstance(weight, torch.Tensor) else weight
+        if not (_triton_usable(device) and dtype in _TL_DTYPES):
+            _foreach_lerp(group_targets, group_sources, group_weight)
+            continue
+        flat, strided = [], []
+        for target, source in zip(group_targets, group_sources):
+            if target.is_contiguous() and source.is_contiguous():
+                if target.numel():
+                    flat.append((target, source))
+            else:
+                strided.append((target, source))
+        if flat:
+            _launch([t for t, _ in flat], [s for _, s in flat], group_weight)
+        if strided:
+            _foreach_lerp([t for t, _ in strided], [s for _, s in strided], group_weight)

@@ -1,0 +1,108 @@
+"""The Triton kernels on CPU through the Triton interpreter.
+
+TRITON_INTERPRET=1 must be set before Triton kernels are first imported, and other tests in the same pytest
+process import mokd.kernels without it, so every group of checks runs this file as a script in a subprocess
+with the variable set. The checks themselves are the ones the torch paths pass (imported from
+test_kernels_dino_ce.py and test_kernels_ema.py). Shapes stay small: the interpreter runs kernels in numpy.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+# (S, T, B, K, pairing, with centre): K not a multiple of the block (257, 300), B = 1, 2+0 and 2+10 crops,
+# T > S, a lone teacher view, both pairings.
+TRITON_CASES = [
+    (4, 2, 2, 300, "dino", True),
+    (2, 2, 1, 257, "dino", False),
+    (12, 2, 1, 300, "dino", True),
+    (3, 1, 2, 300, "dino", True),
+    (2, 3, 2, 257, "dino", False),
+    (3, 3, 2, 257, "one_to_one", True),
+    (1, 1, 2, 300, "one_to_one", False),
+]
+GROUPS = ["dino_fp32", "dino_bf16", "dino_fp16", "dino_layouts", "ema"]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_triton_interpreted(group):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, __file__, group], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, f"{group} failed under the Triton interpreter:\n{proc.stdout}\n{proc.stderr}"
+
+
+def _check_dino(dtype_name):
+    import torch
+    from test_kernels_dino_ce import case_seed, check_against_literal
+
+    dtype = getattr(torch, dtype_name)
+    for case in TRITON_CASES:
+        check_against_literal(case, dtype, "triton", seed=case_seed(case, dtype, "triton"))
+
+
+def _check_dino_layouts():
+    """Row-strided views (slices of wider logits), column-strided (transposed) logits, a teacher that requires
+    grad: the kernels index rows by stride and copy only inputs whose columns are not contiguous."""
+    import torch
+    from test_kernels_dino_ce import TAU_S, TAU_T, literal_dino64
+
+    from mokd.kernels import dino_cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    wide_student = (torch.randn(4 * 2, 320, generator=gen) * 3.0).requires_grad_(True)
+    wide_teacher = (torch.randn(2 * 2, 330, generator=gen) * 2.0).requires_grad_(True)
+    student, teacher = wide_student[:, :300], wide_teacher[:, 15:315]
+    centre = torch.randn(300, generator=gen)
+    out = dino_cross_entropy(student, teacher, centre, TAU_S, TAU_T, 2, impl="triton")
+    out.loss.backward()
+    loss64, grad64, colsum64, entropy64 = literal_dino64(student, teacher, centre, 2, "dino")
+    torch.testing.assert_close(out.loss.double(), loss64, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(wide_student.grad[:, :300].double(), grad64, rtol=1e-4, atol=1e-8)
+    assert torch.all(wide_student.grad[:, 300:] == 0)
+    assert wide_teacher.grad is None  # the teacher is treated as detached
+    torch.testing.assert_close(out.teacher_column_sum.double(), colsum64, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out.teacher_entropy.double(), entropy64, rtol=2e-5, atol=2e-5)
+
+    transposed = student.detach().t().contiguous().t().requires_grad_(True)
+    assert transposed.stride(1) != 1
+    out_t = dino_cross_entropy(transposed, teacher, centre, TAU_S, TAU_T, 2, impl="triton")
+    out_t.loss.backward()
+    torch.testing.assert_close(out_t.loss, out.loss)
+    torch.testing.assert_close(transposed.grad, wide_student.grad[:, :300])
+
+
+def _check_ema():
+    import torch
+    from test_kernels_ema import check_ema
+
+    from mokd.kernels import ema_
+
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    check_ema(0.996, dtypes, seed=1, exact=False)
+    check_ema(0.3, dtypes, seed=2, exact=False)
+    check_ema(torch.tensor(0.9), dtypes, seed=3, exact=False)
+    # A non-contiguous pair in a group with contiguous ones takes the foreach path, the others the kernel.
+    gen = torch.Generator().manual_seed(4)
+    targets = [torch.randn(6, 9, generator=gen).t(), torch.randn(5000, generator=gen)]
+    sources = [torch.randn(9, 6, generator=gen), torch.randn(5000, generator=gen)]
+    expected = [torch.lerp(t, s, 0.004) for t, s in zip(targets, sources)]
+    ema_(targets, sources, 0.996)
+    for t, e in zip(targets, expected):
+        torch.testing.assert_close(t, e, rtol=1e-6, atol=1e-6)
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("run through pytest, or with TRITON_INTERPRET=1 set")
+    checks = {
+        "dino_fp32": lambda: _check_dino("float32"),
+        "dino_bf16": lambda: _check_dino("bfloat16"),
+        "dino_fp16": lambda: _check_dino("float16"),
+        "dino_layouts": _check_dino_layouts,
+        "ema": _check_ema,
+    }
+    checks[sys.argv[1]]()
