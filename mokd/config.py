@@ -124,6 +124,7 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
+    enabled: bool = option(True, "write checkpoints (off only for throwaway runs such as smoke tests)")
     every_steps: int = option(0, "steps between checkpoints (0: at the end of every epoch)")
     keep_last: int = option(3, "complete checkpoints kept")
     resume: bool = option(True, "restart from the newest complete checkpoint in the run directory")

@@ -178,6 +178,9 @@ def build_train_loader(
         collate_fn=collate_crops,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,  # worker start-up is paid once, not every epoch
+        # Its own generator: starting an iterator draws a worker base seed, which must not consume the global
+        # RNG that the model's stochastic depth uses (a resumed run starts one more iterator).
+        generator=torch.Generator().manual_seed(seed),
     )
     return loader, sampler
 

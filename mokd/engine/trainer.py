@@ -138,6 +138,8 @@ class Trainer:
         self.metrics.close()
 
     def should_checkpoint(self) -> bool:
+        if not self.config.checkpoint.enabled:
+            return False
         every = self.config.checkpoint.every_steps
         end_of_epoch = self.step % self.steps_per_epoch == 0
         return self.step == self.last_step or (every > 0 and self.step % every == 0) or (every == 0 and end_of_epoch)

@@ -1,0 +1,33 @@
+"""Small configurations shared by the tests: narrow networks, synthetic data, a few steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mokd.config import MOKDConfig, load_config
+
+TINY_RESNET = ["backbone=resnet18", "small_image=true", "width=8"]
+TINY_VIT = ["backbone=vit_tiny_patch16_224", "small_image=true", "width=32", "depth=2", "num_heads=2"]
+
+
+def model_overrides(which: str, spec: list[str]) -> list[str]:
+    return [f"{which}.{item}" for item in spec]
+
+
+def tiny_config(run_dir: Path, model1: list[str] = TINY_RESNET, model2: list[str] = TINY_VIT,
+                extra: list[str] = ()) -> MOKDConfig:
+    """A CNN-ViT pair (by default) small enough for a CPU step in well under a second."""
+    overrides = [
+        f"run_dir={run_dir}",
+        *model_overrides("model1", model1), *model_overrides("model2", model2),
+        "head.out_dim=64", "head.mlp_hidden_dim=32", "head.mlp_bottleneck_dim=16",
+        "head.thead_dim=32", "head.thead_depth=1", "head.thead_heads=2",
+        "data.source=synthetic", "data.synthetic_size=32", "data.synthetic_image_size=16",
+        "data.synthetic_channels=1", "data.global_crop_size=16", "data.local_crop_size=8",
+        "data.n_local_crops=2", "data.num_workers=0",
+        "train.epochs=2", "train.batch_size=8", "train.log_every=1",
+        "model1.optim.warmup_epochs=1", "model2.optim.warmup_epochs=1",
+        "eval.knn_at_end=false", "eval.batch_size=16", "eval.image_size=16",
+        *extra,
+    ]
+    return load_config(None, overrides)

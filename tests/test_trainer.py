@@ -1,0 +1,148 @@
+"""The single-process trainer: teachers, EMA, centres, independence of the pair, exact resume, pair kinds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import TINY_RESNET, TINY_VIT, tiny_config
+from mokd.engine.optim import build_optimizer, clip_gradients_, drop_last_layer_gradients_, set_schedule
+from mokd.engine.trainer import Trainer, build_train_data
+from mokd.method.pair import build_network, make_teacher
+from mokd.method.schedules import ModelSchedules
+from test_method_losses import reference_dino
+
+
+def first_batch(trainer: Trainer) -> list[torch.Tensor]:
+    trainer.sampler.set_epoch(0)
+    crops, _ = next(iter(trainer.loader))
+    trainer.sampler.set_epoch(0)
+    return crops
+
+
+def test_teachers_get_no_gradient_ema_and_centres_follow_their_formulas(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, extra=["checkpoint.enabled=false"]), show_progress=False)
+    crops = first_batch(trainer)
+    teachers_before = [[p.detach().clone() for p in t.parameters()] for t in trainer.teachers]
+    centres_before = trainer.centres.values.clone()
+    with torch.no_grad():  # the raw teacher logits the centres must average (teacher BN in train mode)
+        raw = [teacher(crops[:2]) for teacher in trainer.teachers]
+
+    trainer.train_step(crops)
+
+    for teacher in trainer.teachers:
+        assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    for which, (teacher, student) in enumerate(zip(trainer.teachers, trainer.students)):
+        momentum = float(trainer.schedules[which].teacher_momentum[0])
+        for before, after, student_param in zip(teachers_before[which], teacher.parameters(), student.parameters()):
+            expected = momentum * before + (1 - momentum) * student_param.detach()
+            torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-7)
+    m = trainer.config.loss.centre_momentum
+    targets = {"sm": (0, "mlp_logits"), "st": (0, "thead_logits"), "cm": (1, "mlp_logits")}
+    for which in (0, 1):
+        for term, (offset, field) in targets.items():
+            teacher_logits = getattr(raw[(which + offset) % 2], field)
+            expected = m * centres_before[trainer.centres.row(which, term)] + (1 - m) * teacher_logits.mean(dim=0)
+            torch.testing.assert_close(trainer.centres.get(which, term), expected, rtol=1e-5, atol=1e-6)
+
+
+def independent_dino(config, which: int, batches: list[list[torch.Tensor]]):
+    """DINO alone for model `which`, written out step by step: the paper's baseline."""
+    model = (config.model1, config.model2)[which]
+    student = build_network(config, which, 1, student=True)
+    teacher = make_teacher(config, which, 1, student)
+    optimizer = build_optimizer(student, model.optim)
+    steps_per_epoch = config.data.synthetic_size // config.train.batch_size
+    schedules = ModelSchedules(model, config.loss, config.train.epochs * steps_per_epoch, steps_per_epoch,
+                               config.train.batch_size)
+    centre = torch.zeros(config.head.out_dim)
+    batch = config.train.batch_size
+    for step, crops in enumerate(batches):
+        set_schedule(optimizer, float(schedules.lr[step]), float(schedules.weight_decay[step]))
+        student_logits = student(crops).mlp_logits
+        with torch.no_grad():
+            teacher_logits = teacher(crops[:2]).mlp_logits
+        loss = reference_dino(student_logits.split(batch), teacher_logits.split(batch), centre,
+                              model.temperature.student, float(schedules.teacher_temperature_self[step]))
+        loss.backward()
+        clip_gradients_(student, model.optim.clip_grad)
+        if step < schedules.freeze_last_layer_steps:
+            drop_last_layer_gradients_(student.last_layers())
+        optimizer.step()
+        optimizer.zero_grad()
+        momentum = float(schedules.teacher_momentum[step])
+        with torch.no_grad():
+            for teacher_param, student_param in zip(teacher.parameters(), student.parameters()):
+                teacher_param.mul_(momentum).add_((1 - momentum) * student_param)
+            centre = config.loss.centre_momentum * centre + (1 - config.loss.centre_momentum) * teacher_logits.mean(0)
+    return student, teacher
+
+
+def test_self_mlp_only_pair_equals_two_independent_dino_runs(tmp_path):
+    switches = ["loss.self_thead=false", "loss.cross_mlp=false", "loss.cross_search=false",
+                "model1.optim.name=sgd", "model1.optim.freeze_last_layer_epochs=1", "train.max_steps=3",
+                "checkpoint.enabled=false"]
+    config = tiny_config(tmp_path, extra=switches)
+    trainer = Trainer(config, show_progress=False)
+    assert trainer.students[0].thead is None
+    trainer.train()
+
+    _, loader, sampler = build_train_data(config)
+    sampler.set_epoch(0)
+    batches = [crops for crops, _ in list(loader)[:3]]
+    for which in (0, 1):
+        student, teacher = independent_dino(config, which, batches)
+        for mine, reference in zip(trainer.teachers[which].parameters(), teacher.parameters()):
+            torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
+        for mine, reference in zip(trainer.students[which].parameters(), student.parameters()):
+            torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,model1,model2", [
+    ("cnn-vit", TINY_RESNET, TINY_VIT),
+    ("cnn-cnn", TINY_RESNET, ["backbone=resnet34", "small_image=true", "width=8"]),
+    ("vit-vit", ["backbone=vit_small_patch16_224", "small_image=true", "width=32", "depth=2", "num_heads=2"], TINY_VIT),
+    ("same-architecture", TINY_VIT, TINY_VIT),
+])
+def test_one_training_step_for_every_pair_kind(tmp_path, kind, model1, model2):
+    extra = ["train.max_steps=1", "checkpoint.enabled=false", "model2.optim.warmup_epochs=0"]  # lr > 0 at step 0
+    trainer = Trainer(tiny_config(tmp_path, model1, model2, extra),
+                      show_progress=False)
+    before = [p.detach().clone() for p in trainer.students[1].parameters()]
+    trainer.train()
+    assert trainer.step == 1
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    for which in (1, 2):
+        for term in ("sm", "st", "cm", "ct"):
+            assert torch.isfinite(torch.tensor(record[f"loss/model{which}/{term}"]))
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.students[1].parameters()))
+
+
+def read_losses(run_dir) -> dict[int, dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("loss/")} for r in records}
+
+
+def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path):
+    extra = ["train.deterministic=true", "model2.drop_path=0.1", "checkpoint.keep_last=2"]
+    whole = Trainer(tiny_config(tmp_path / "whole", extra=extra + ["train.max_steps=6"]), show_progress=False)
+    whole.train()
+
+    first = Trainer(tiny_config(tmp_path / "split", extra=extra + ["train.max_steps=3"]), show_progress=False)
+    first.train()  # stops mid-epoch (4 steps per epoch) and checkpoints step 3
+    resumed = Trainer(tiny_config(tmp_path / "split", extra=extra + ["train.max_steps=6"]), show_progress=False)
+    assert resumed.step == 3
+    resumed.train()
+
+    whole_losses, split_losses = read_losses(tmp_path / "whole"), read_losses(tmp_path / "split")
+    assert sorted(split_losses) == sorted(whole_losses) == [1, 2, 3, 4, 5, 6]
+    assert split_losses == whole_losses
+    for mine, reference in zip(resumed.state_dict()["teachers"], whole.state_dict()["teachers"]):
+        for key in reference:
+            assert torch.equal(mine[key], reference[key]), key
+    assert torch.equal(resumed.centres.values, whole.centres.values)
+    # keep_last=2: steps 4 (end of epoch 1) and 6 remain.
+    kept = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
+    assert kept == ["step_00000004", "step_00000006"]
