@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from mokd.config import PRESET_DIR, ConfigError, describe_options, list_presets, load_config
+from mokd.engine.checkpoint import CheckpointError
 
 DEFAULT_PRESET = "demo"
 
@@ -91,7 +92,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         print(preset_summary())
         return 0
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError, CheckpointError) as error:
         print(f"mokd: error: {error}", file=sys.stderr)
         return 2
 
