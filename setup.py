@@ -5,7 +5,6 @@ setup(
     version="0.1.0",
     description="Multi-mode Online Knowledge Distillation: two vision models learn self-supervised together",
     packages=find_packages(include=["mokd", "mokd.*"]),
-    package_data={"mokd": ["configs/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.14,<2.15",
@@ -19,7 +18,7 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout", "deepspeed>=0.15", "webdataset>=0.2"],
+        "dev": ["pytest>=7"],
         "flash": ["flash-attn"],
     },
     entry_points={"console_scripts": ["mokd=mokd.launch.cli:main"]},

@@ -39,8 +39,8 @@ class TemperatureConfig:
     student: float = option(0.1, "student softmax temperature tau_s")
     teacher_start: float = option(0.04, "teacher temperature at step 0 (linear warm-up start)")
     teacher_end: float = option(0.07, "teacher temperature after the warm-up")
-    warmup_epochs_self: int = option(30, "teacher-temperature warm-up of the self terms L_sm, L_st (official CNN: 50)")
-    warmup_epochs_cross: int = option(30, "teacher-temperature warm-up of the cross terms L_cm, L_ct")
+    warmup_epochs_self: float = option(30.0, "teacher-temperature warm-up of the self terms L_sm, L_st (official CNN: 50)")
+    warmup_epochs_cross: float = option(30.0, "teacher-temperature warm-up of the cross terms L_cm, L_ct")
 
 
 @dataclass
@@ -48,12 +48,12 @@ class OptimConfig:
     name: str = option("adamw", "optimiser: sgd | lars | adamw")
     base_lr: float = option(5e-4, "learning rate per 256 images (scaled by global batch / 256)")
     min_lr: float = option(1e-5, "final learning rate of the cosine schedule")
-    warmup_epochs: int = option(10, "linear learning-rate warm-up, epochs")
+    warmup_epochs: float = option(10.0, "linear learning-rate warm-up, epochs")
     weight_decay: float = option(0.04, "weight decay at step 0 (cosine schedule; none on biases and norms)")
     weight_decay_end: float = option(0.4, "weight decay at the last step")
     momentum: float = option(0.9, "SGD / LARS momentum")
     clip_grad: float = option(3.0, "per-parameter gradient-norm clip; 0 disables")
-    freeze_last_layer_epochs: int = option(1, "epochs during which both heads' last layers get no update")
+    freeze_last_layer_epochs: float = option(1.0, "epochs during which both heads' last layers get no update")
 
 
 @dataclass

@@ -18,10 +18,10 @@ def cosine_schedule(start: float, end: float, total_steps: int, warmup_steps: in
     return np.concatenate([warmup, cosine])
 
 
-def teacher_temperature_schedule(start: float, end: float, warmup_epochs: int, total_steps: int,
+def teacher_temperature_schedule(start: float, end: float, warmup_epochs: float, total_steps: int,
                                  steps_per_epoch: int) -> np.ndarray:
     """Linear from `start` to `end` over the warm-up epochs, then constant at `end`."""
-    warmup_steps = min(warmup_epochs * steps_per_epoch, total_steps)
+    warmup_steps = min(round(warmup_epochs * steps_per_epoch), total_steps)
     warmup = np.linspace(start, end, warmup_steps, endpoint=False) if warmup_steps else np.zeros(0)
     return np.concatenate([warmup, np.full(total_steps - warmup_steps, end)])
 
@@ -32,7 +32,7 @@ class ModelSchedules:
     def __init__(self, model_config, loss_config, total_steps: int, steps_per_epoch: int, global_batch: int) -> None:
         optim = model_config.optim
         peak_lr = optim.base_lr * global_batch / 256
-        self.lr = cosine_schedule(peak_lr, optim.min_lr, total_steps, optim.warmup_epochs * steps_per_epoch)
+        self.lr = cosine_schedule(peak_lr, optim.min_lr, total_steps, round(optim.warmup_epochs * steps_per_epoch))
         self.weight_decay = cosine_schedule(optim.weight_decay, optim.weight_decay_end, total_steps)
         self.teacher_momentum = cosine_schedule(loss_config.teacher_momentum, 1.0, total_steps)
         temperature = model_config.temperature
@@ -43,4 +43,4 @@ class ModelSchedules:
             temperature.teacher_start, temperature.teacher_end, temperature.warmup_epochs_cross, total_steps,
             steps_per_epoch)
         self.student_temperature = temperature.student
-        self.freeze_last_layer_steps = optim.freeze_last_layer_epochs * steps_per_epoch
+        self.freeze_last_layer_steps = round(optim.freeze_last_layer_epochs * steps_per_epoch)

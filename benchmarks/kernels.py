@@ -1,0 +1,313 @@
+"""Microbenchmarks of the fused kernels: DINO cross-entropy (forward + backward) and the EMA update.
+
+    python benchmarks/kernels.py --device cpu --batch 8 32 --dim 65536 --local-crops 10 --json FILE
+    python benchmarks/kernels.py --device cuda --batch 8 32 --json FILE
+
+What is measured, per op and implementation, against the reference timed in the same run:
+  * median_ms: median wall time of the call over --repeats runs after warm-up (CUDA: synchronised).
+  * peak_extra_bytes: the most memory the call holds beyond its inputs, outputs such as the gradient included.
+    CUDA: torch.cuda.max_memory_allocated minus the allocation before the call. CPU: replayed from torch.profiler's
+    memory timeline (every tensor CREATE/DESTROY of the call, profile_memory=True) in a separate, untimed run;
+    RSS deltas are useless here because glibc keeps freed pages and the timing runs reuse them.
+  * gbps: bytes that must move / time. DINO CE: student read + teacher read + gradient write, at their dtypes.
+    EMA: target read + source read + target write.
+  * floor_fraction: (bytes / copy bandwidth) / time, the copy bandwidth measured in the same run as
+    dst.copy_(src) between two preallocated 1 GiB tensors (CPU: 512 MiB), read + write counted.
+Inputs are cosine-similarity-like logits in [-1, 1], as DINO's weight-normalised last layer of an L2-normalised
+vector produces (far larger logits make exp underflow to denormals, which is a different, slower code path on CPU).
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from mokd.kernels import dino_cross_entropy, ema_  # noqa: E402
+
+TAU_S, TAU_T, MOMENTUM = 0.1, 0.04, 0.996
+# What each op's speed-up is measured against: the literal DINO loss, and DINO's per-tensor EMA loop.
+REFERENCE = {"dino_ce": "reference", "ema": "dino_loop"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# measurement
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fns: dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int) -> dict[str, float]:
+    """Median wall time of each function. The functions take turns, run after run, so that a change in the
+    machine's load during the measurement (a shared CPU) affects every implementation alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_extra_bytes(fn: Callable[[], None], device: torch.device) -> int | None:
+    """Peak bytes allocated during one call beyond what was live before it (see the module doc)."""
+    if device.type == "cuda":
+        _sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    live = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        peak = max(peak, live)
+    return peak
+
+
+def copy_gbps(device: torch.device, repeats: int) -> float:
+    n = (1 << 30 if device.type == "cuda" else 1 << 29) // 4
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms({"copy": lambda: dst.copy_(src)}, device, repeats=max(repeats, 5), warmup=2)["copy"]
+    return 2 * n * 4 / (ms * 1e-3) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DINO cross-entropy
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def identity_formulation(student, teacher, centre, n_crops, n_views, batch):
+    """The torch path's identity, CE = lse(s / tau_s) - <p, s> / tau_s, in plain differentiable ops (no chunking,
+    no custom backward): the graph torch.compile gets to fuse."""
+    k = student.shape[1]
+    s = student.float()
+    p = torch.softmax((teacher.float() - centre) / TAU_T, dim=-1).view(n_views, batch, k)
+    lse = torch.logsumexp(s / TAU_S, dim=-1).view(n_crops, batch)
+    s = s.view(n_crops, batch, k)
+    same = min(n_crops, n_views)
+    cross = (p.sum(0) * s.sum(0)).sum() - (p[:same] * s[:same]).sum()
+    weights = torch.tensor([n_views - (u < n_views) for u in range(n_crops)], device=s.device, dtype=s.dtype)
+    n_pairs = n_crops * n_views - same
+    return ((weights[:, None] * lse).sum() - cross / TAU_S) / (n_pairs * batch)
+
+
+def bench_dino_ce(args, device, dtype, batch, copy_bw):
+    n_views, n_crops, k = 2, 2 + args.local_crops, args.dim
+    gen = torch.Generator(device=device).manual_seed(batch)
+    student = (torch.rand(n_crops * batch, k, generator=gen, device=device) * 2 - 1).to(dtype).requires_grad_(True)
+    teacher = (torch.rand(n_views * batch, k, generator=gen, device=device) * 2 - 1).to(dtype)
+    centre = torch.rand(k, generator=gen, device=device) * 0.2 - 0.1
+    element = student.element_size()
+    moved = (2 * n_crops + n_views) * batch * k * element
+
+    impls: dict[str, Callable[[], torch.Tensor]] = {
+        name: (lambda name=name: dino_cross_entropy(student, teacher, centre, TAU_S, TAU_T, batch, impl=name).loss)
+        for name in ("reference", "torch")
+    }
+    notes = {}
+    try:
+        compiled = torch.compile(identity_formulation, dynamic=False)
+        impls["torch_compile"] = lambda: compiled(student, teacher, centre, n_crops, n_views, batch)
+        impls["torch_compile"]()  # compile now, so that a failure is caught here and not inside the timing
+    except Exception as err:  # noqa: BLE001 - any compiler failure means "skip with a note"
+        impls.pop("torch_compile", None)
+        notes["torch_compile"] = f"skipped: torch.compile failed on this machine ({type(err).__name__}: {err})"[:300]
+    if device.type == "cuda":
+        impls["triton"] = lambda: dino_cross_entropy(
+            student, teacher, centre, TAU_S, TAU_T, batch, impl="triton"
+        ).loss
+
+    reference_loss = impls["reference"]().item()
+    steps = {}
+    for name, loss_fn in impls.items():
+        loss = loss_fn().item()
+        if not math.isclose(loss, reference_loss, rel_tol=1e-4):
+            raise RuntimeError(f"dino_ce {name}: loss {loss} differs from reference {reference_loss}")
+
+        def step(loss_fn=loss_fn):
+            student.grad = None
+            loss_fn().backward()
+
+        steps[name] = step
+    times = median_ms(steps, device, args.repeats, args.warmup)
+    records = []
+    for name, step in steps.items():
+        student.grad = None
+        ms = times[name]
+        records.append(
+            {
+                "op": "dino_ce", "impl": name, "batch": batch, "median_ms": ms,
+                "peak_extra_bytes": peak_extra_bytes(step, device), "bytes_moved": moved,
+                "gbps": moved / (ms * 1e-3) / 1e9, "floor_fraction": moved / (copy_bw * 1e9) / (ms * 1e-3),
+                "dim": k, "crops": f"{n_views}+{args.local_crops}", "dtype": str(dtype).removeprefix("torch."),
+            }
+        )
+    for name, note in notes.items():
+        records.append({"op": "dino_ce", "impl": name, "batch": batch, "median_ms": None, "peak_extra_bytes": None,
+                        "gbps": None, "floor_fraction": None, "dim": k, "crops": f"{n_views}+{args.local_crops}",
+                        "dtype": str(dtype).removeprefix("torch."), "note": note})
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EMA over an R101 + ViT-B pair with their DINO heads
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def pair_parameter_shapes(dim: int) -> list[torch.Size]:
+    """Shapes of every parameter of R101 and ViT-B/16 (timm, no classifier) plus each one's DINO MLP-Head
+    (Linear(C,2048)-GELU-Linear(2048,2048)-GELU-Linear(2048,256), weight-normalised Linear(256, dim))."""
+    import timm
+
+    shapes = []
+    with torch.device("meta"):
+        for name, width in (("resnet101", 2048), ("vit_base_patch16_224", 768)):
+            shapes += [p.shape for p in timm.create_model(name, num_classes=0).parameters()]
+            for fan_in, fan_out in ((width, 2048), (2048, 2048), (2048, 256)):
+                shapes += [torch.Size([fan_out, fan_in]), torch.Size([fan_out])]
+            shapes += [torch.Size([dim, 256]), torch.Size([dim, 1])]  # weight_v, weight_g
+    return shapes
+
+
+def bench_ema(args, device, copy_bw):
+    shapes = pair_parameter_shapes(args.dim)
+    gen = torch.Generator(device=device).manual_seed(0)
+    teacher = [torch.randn(shape, generator=gen, device=device) for shape in shapes]
+    student = [torch.randn(shape, generator=gen, device=device) for shape in shapes]
+    n_params = sum(t.numel() for t in teacher)
+    moved = 3 * n_params * 4
+
+    def dino_loop():  # DINO's update, one tensor at a time
+        for t, s in zip(teacher, student):
+            t.mul_(MOMENTUM).add_((1 - MOMENTUM) * s.detach())
+
+    def foreach_mul_add():
+        torch._foreach_mul_(teacher, MOMENTUM)
+        torch._foreach_add_(teacher, student, alpha=1 - MOMENTUM)
+
+    impls = {"dino_loop": dino_loop, "foreach_mul_add": foreach_mul_add,
+             "foreach_lerp": lambda: torch._foreach_lerp_(teacher, student, 1 - MOMENTUM),
+             # mokd's entry point: the Triton kernel on CUDA, torch._foreach_lerp_ plus grouping on CPU
+             "triton" if device.type == "cuda" else "ema_": lambda: ema_(teacher, student, MOMENTUM)}
+    times = median_ms(impls, device, args.repeats, args.warmup)
+    records = []
+    for name, fn in impls.items():
+        ms = times[name]
+        records.append(
+            {
+                "op": "ema", "impl": name, "batch": None, "median_ms": ms, "peak_extra_bytes": peak_extra_bytes(fn, device),
+                "bytes_moved": moved, "gbps": moved / (ms * 1e-3) / 1e9,
+                "floor_fraction": moved / (copy_bw * 1e9) / (ms * 1e-3), "dim": args.dim, "crops": None,
+                "dtype": "float32", "n_params": n_params, "n_tensors": len(shapes),
+            }
+        )
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "cpu"
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def print_table(records: list[dict]) -> None:
+    header = f"{'op':8} {'impl':16} {'batch':>5} {'median ms':>10} {'x ref':>7} {'peak MiB':>9} {'GB/s':>7} {'floor':>6}"
+    print(header)
+    print("-" * len(header))
+    for r in records:
+        if r["median_ms"] is None:
+            print(f"{r['op']:8} {r['impl']:16} {r['batch'] or '':>5} {r['note']}")
+            continue
+        peak = "" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / 2**20:9.1f}"
+        print(
+            f"{r['op']:8} {r['impl']:16} {r['batch'] or '':>5} {r['median_ms']:10.2f} "
+            f"{r['speedup_vs_reference']:7.2f} {peak:>9} {r['gbps']:7.2f} {r['floor_fraction']:6.1%}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batch", type=int, nargs="+", default=[32], help="images per step (several allowed)")
+    parser.add_argument("--dim", type=int, default=65536, help="K, the DINO head's output dimension")
+    parser.add_argument("--local-crops", type=int, default=10, help="student crops beyond the 2 global ones")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the logits")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs (default: cpu 5, cuda 30)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--ops", nargs="+", default=["dino_ce", "ema"], choices=["dino_ce", "ema"])
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--json", default=None, help="write the records to this file")
+    args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 30 if args.device == "cuda" else 5
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+
+    # CPU timings are only as good as the machine is idle: the load of other processes is recorded with them.
+    load = os.getloadavg()[0]
+    copy_bw = copy_gbps(device, args.repeats)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    print(f"device {device_name}, {torch.get_num_threads()} threads, load {load:.2f}, "
+          f"copy bandwidth {copy_bw:.1f} GB/s (read + write)")
+    records = []
+    if "dino_ce" in args.ops:
+        for batch in args.batch:
+            records += bench_dino_ce(args, device, DTYPES[args.dtype], batch, copy_bw)
+    if "ema" in args.ops:
+        records += bench_ema(args, device, copy_bw)
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    reference = {(r["op"], r["batch"]): r["median_ms"] for r in records if r["impl"] == REFERENCE[r["op"]]}
+    for r in records:
+        ref_ms = reference[(r["op"], r["batch"])]
+        r["speedup_vs_reference"] = None if r["median_ms"] is None else ref_ms / r["median_ms"]
+        r.update({"device": device_name, "threads": torch.get_num_threads(), "copy_gbps": copy_bw,
+                  "load_average_1min_before": load, "torch": torch.__version__, "date": date})
+    print_table(records)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+        print(f"wrote {len(records)} records to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
