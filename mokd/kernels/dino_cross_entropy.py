@@ -178,85 +178,105 @@ def _reference(
 # torch: the log-sum-exp / dot-product identity with an analytic backward
 # ----------------------------------------------------------------------------------------------------------------
 
-# Rows are processed in chunks of about this many elements: the fp32 temporaries (512 KiB) stay in L2 and below
-# the allocator's mmap threshold. Whole-tensor temporaries of S*B*K would be fresh pages on every call, and
-# page faults, not arithmetic, then dominate on CPU (measured 3x slower at B=32, K=65536, 12 crops).
+# Work proceeds in blocks of about this many elements: the fp32 temporaries (512 KiB) stay in L2 and below the
+# allocator's mmap threshold. Whole-tensor temporaries of S*B*K would be fresh pages on every call, and page
+# faults, not arithmetic, then dominate on CPU (measured 3x slower at B=32, K=65536, 12 crops). Small problems
+# take several whole crops per block, so that the number of ops (the cost there) stays low.
 _CHUNK_ELEMENTS = 1 << 17
 
 
 def _chunks(crops: int, batch: int, k: int):
-    """(crop, rows slice, images slice) spans of about _CHUNK_ELEMENTS elements that never cross a crop."""
-    step = max(1, _CHUNK_ELEMENTS // k)
-    for crop in range(crops):
-        for b0 in range(0, batch, step):
-            b1 = min(b0 + step, batch)
-            yield crop, slice(crop * batch + b0, crop * batch + b1), slice(b0, b1)
+    """(crops slice, images slice) blocks of the [crops, batch, k] view, about _CHUNK_ELEMENTS elements each:
+    several whole crops, or part of the batch of one crop."""
+    if batch * k <= _CHUNK_ELEMENTS:
+        step = _CHUNK_ELEMENTS // (batch * k)
+        for u0 in range(0, crops, step):
+            yield slice(u0, min(u0 + step, crops)), slice(0, batch)
+    else:
+        step = max(1, _CHUNK_ELEMENTS // k)
+        for u in range(crops):
+            for b0 in range(0, batch, step):
+                yield slice(u, u + 1), slice(b0, min(b0 + step, batch))
 
 
-def _teacher_log_probs(teacher_rows, centre, inv_tau_t, lse=None):
-    """log p = (t - c) / tau_t - lse for a block of teacher rows; lse is computed when not given."""
-    z = teacher_rows if centre is None else teacher_rows - centre
+def _same_views(crops: slice, views: int) -> slice:
+    """The crops of a block that are teacher views too (u < T): their pair with view u is excluded."""
+    return slice(crops.start, max(crops.start, min(crops.stop, views)))
+
+
+def _teacher_log_probs(teacher_block, centre, inv_tau_t, lse=None):
+    """log p = (t - c) / tau_t - lse over the last dim; lse is computed when not given."""
+    z = teacher_block if centre is None else teacher_block - centre
     z = z * inv_tau_t
     if lse is None:
-        lse = torch.logsumexp(z, dim=1)
-    return z.sub_(lse.unsqueeze(1)), lse
+        lse = torch.logsumexp(z, dim=-1)
+    return z.sub_(lse.unsqueeze(-1)), lse
 
 
 class _TorchDinoCE(torch.autograd.Function):
     """Forward: per-row lse's, P = sum_v p_v per image, and the pair sum of <p_v, s_u> as
     sum_u <P, s_u> - sum_{u < T} <p_u, s_u> (the excluded same-view pairs): only [B, K] is ever stored.
-    Backward: ds_u = (w_u softmax(s_u / tau_s) - P + [u excluded] p_u) * g / (tau_s n_pairs B)."""
+    Backward: ds_u = (w_u softmax(s_u / tau_s) - P + [u excluded] p_u) * g / (tau_s n_pairs B).
+    Rows are viewed as [crops, B, K]."""
 
     @staticmethod
     def forward(ctx, student, teacher, centre, tau_s, tau_t, layout):
         S, T, B = layout.student, layout.teacher, layout.batch
         K = student.shape[1]
+        students, teachers = student.view(S, B, K), teacher.view(T, B, K)
         acc = _accumulation_dtype(student)
         centre = None if centre is None else centre.to(acc)
         new = {"dtype": acc, "device": student.device}
         column_sum, p_all = torch.zeros(K, **new), torch.zeros(B, K, **new)
-        lse_t, entropy_rows, lse_s = torch.empty(T * B, **new), torch.empty(T * B, **new), torch.empty(S * B, **new)
-        same_view_cross = torch.zeros((), **new)
-        for v, rows, images in _chunks(T, B, K):
-            t = teacher[rows].to(acc)
-            column_sum += t.sum(dim=0)
-            log_p, lse_t[rows] = _teacher_log_probs(t, centre, 1.0 / tau_t)
+        lse_t, entropy, lse_s = torch.empty(T, B, **new), torch.empty(T, B, **new), torch.empty(S, B, **new)
+        cross = torch.zeros((), **new)
+        for views, images in _chunks(T, B, K):
+            t = teachers[views, images].to(acc)
+            column_sum += t.sum(dim=(0, 1))
+            log_p, lse_t[views, images] = _teacher_log_probs(t, centre, 1.0 / tau_t)
             p = log_p.exp()
-            entropy_rows[rows] = -torch.einsum("rk,rk->r", p, log_p)
-            p_all[images] += p
-            if layout.exclude_same and v < S:
-                same_view_cross += torch.dot(p.flatten(), student[rows].to(acc).flatten())
-        cross = -same_view_cross
-        for _, rows, images in _chunks(S, B, K):
-            s = student[rows].to(acc)
-            lse_s[rows] = torch.logsumexp(s * (1.0 / tau_s), dim=1)
-            cross += torch.dot(p_all[images].flatten(), s.flatten())
-        weights = torch.tensor(layout.pair_weights(), **new).repeat_interleave(B)
-        loss = (torch.dot(weights, lse_s) - cross / tau_s) / (layout.n_pairs * B)
-        ctx.save_for_backward(student, teacher, centre, lse_s, lse_t, p_all)
+            entropy[views, images] = -(p * log_p).sum(dim=-1)
+            p_all[images] += p.sum(dim=0)
+            same = _same_views(views, S) if layout.exclude_same else slice(0, 0)
+            if same.stop > same.start:
+                n = same.stop - same.start
+                cross -= torch.dot(p[:n].flatten(), students[same, images].to(acc).flatten())
+        for crops, images in _chunks(S, B, K):
+            s = students[crops, images].to(acc)
+            lse_s[crops, images] = torch.logsumexp(s * (1.0 / tau_s), dim=-1)
+            cross += torch.dot(p_all[images].flatten(), s.sum(dim=0).flatten())
+        weights = torch.tensor(layout.pair_weights(), **new)
+        loss = (torch.dot(weights, lse_s.sum(dim=1)) - cross / tau_s) / (layout.n_pairs * B)
+        ctx.save_for_backward(student, teacher, centre, lse_s, lse_t, p_all, weights)
         ctx.tau_s, ctx.tau_t, ctx.layout = tau_s, tau_t, layout
-        entropy = entropy_rows.mean()
+        entropy = entropy.mean()
         ctx.mark_non_differentiable(column_sum, entropy)
         return loss, column_sum, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_column_sum, _grad_entropy):
-        student, teacher, centre, lse_s, lse_t, p_all = ctx.saved_tensors
+        student, teacher, centre, lse_s, lse_t, p_all, weights = ctx.saved_tensors
         layout, tau_s = ctx.layout, ctx.tau_s
         S, T, B = layout.student, layout.teacher, layout.batch
+        K = student.shape[1]
+        students, teachers = student.view(S, B, K), teacher.view(T, B, K)
         acc = lse_s.dtype
         scale = grad_loss.to(acc) / (tau_s * layout.n_pairs * B)
-        # log w_u, folded into the exponent: w_u softmax(s_u/tau_s) = exp(s_u/tau_s - lse_u + log w_u); a crop
-        # without pairs (w_u = 0) gets exp(-inf) = 0.
-        log_w = [math.log(w) if w else -math.inf for w in layout.pair_weights()]
+        # w_u softmax(s_u/tau_s) = exp(s_u/tau_s - lse_u + log w_u): the weight folded into the exponent (a crop
+        # without pairs, w_u = 0, gets exp(-inf) = 0); then only in-place ops on the block.
+        log_w = torch.log(weights)
         grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-        for u, rows, images in _chunks(S, B, student.shape[1]):
-            g = torch.add(log_w[u] - lse_s[rows].unsqueeze(1), student[rows].to(acc), alpha=1.0 / tau_s).exp_()
+        grads = grad.view(S, B, K)
+        for crops, images in _chunks(S, B, K):
+            bias = (log_w[crops, None] - lse_s[crops, images]).unsqueeze(-1)
+            g = torch.add(bias, students[crops, images].to(acc), alpha=1.0 / tau_s).exp_()
             g.sub_(p_all[images])
-            if layout.exclude_same and u < T:  # crop u is not paired with its own view: give p_u back
-                log_p, _ = _teacher_log_probs(teacher[rows].to(acc), centre, 1.0 / ctx.tau_t, lse_t[rows])
-                g.add_(log_p.exp_())
-            grad[rows] = g.mul_(scale)
+            same = _same_views(crops, T) if layout.exclude_same else slice(0, 0)
+            if same.stop > same.start:  # these crops are not paired with their own view: give p_u back
+                t = teachers[same, images].to(acc)
+                log_p, _ = _teacher_log_probs(t, centre, 1.0 / ctx.tau_t, lse_t[same, images])
+                g[: same.stop - same.start].add_(log_p.exp_())
+            grads[crops, images] = g.mul_(scale)
         return grad, None, None, None, None, None
 
 
@@ -521,7 +541,10 @@ def dino_cross_entropy(
     """DINO loss of student logits [S*B, K] against teacher logits [T*B, K] (crop-major rows), see module doc.
 
     ``impl``: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"``, ``"torch"`` or ``"reference"``.
-    The gradient reaches ``student_logits`` only, in its dtype; teacher logits and centre are treated as detached.
+    Outputs are fp32 (fp64 for fp64 inputs on the torch and reference paths). The gradient reaches
+    ``student_logits`` only, in its dtype; teacher logits and centre are treated as detached (their ``.grad``
+    stays ``None``). Raises ValueError for shapes that do not divide by ``batch_size`` and for a "dino" pairing
+    without pairs (one student crop, one teacher view).
     """
     layout = _validate(
         student_logits, teacher_logits, centre, student_temperature, teacher_temperature, batch_size, pairing, impl
