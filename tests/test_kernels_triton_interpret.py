@@ -46,7 +46,7 @@ def _check_dino(dtype_name):
 
 def _check_dino_layouts():
     """Row-strided views (slices of wider logits), column-strided (transposed) logits, a teacher that requires
-    grad: the kernels index rows by stride and copy only inputs whose columns are not contiguous."""
+    grad, programs looping over several images."""
     import torch
     from test_kernels_dino_ce import TAU_S, TAU_T, literal_dino64
 
@@ -66,6 +66,15 @@ def _check_dino_layouts():
     assert wide_teacher.grad is None  # the teacher is treated as detached
     torch.testing.assert_close(out.teacher_column_sum.double(), colsum64, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(out.teacher_entropy.double(), entropy64, rtol=2e-5, atol=2e-5)
+
+    # Programs that loop over several images (one group, then groups of 2 with a remainder): the default
+    # program count gives every image its own program at these sizes.
+    import mokd.kernels.dino_cross_entropy as dce
+    from test_kernels_dino_ce import check_against_literal
+
+    for target_programs in (1, 4):
+        dce._TARGET_PROGRAMS = target_programs
+        check_against_literal((4, 2, 3, 300, "dino", True), torch.float32, "triton", seed=target_programs)
 
     transposed = student.detach().t().contiguous().t().requires_grad_(True)
     assert transposed.stride(1) != 1

@@ -292,18 +292,20 @@ _NEG_BIG = -1.0e30
 def _dino_ce_fwd_partials_kernel(
     s_ptr, t_ptr, c_ptr, column_sum_ptr,
     t_max_ptr, t_sum_ptr, t_shift_ptr, s_max_ptr, s_sum_ptr, dot_ptr,
-    K, B, n_blocks, stride_s, stride_t, inv_tau_s, inv_tau_t,
+    K, B, n_blocks, images_per_program, stride_s, stride_t, inv_tau_s, inv_tau_t,
     S: tl.constexpr, T: tl.constexpr, T_PAD: tl.constexpr, HAS_CENTRE: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One program per block of BLOCK_K columns, looping over the images b.
+    """One program per (block of BLOCK_K columns, group of images), looping over the images b of its group.
 
     For each (b, block) it writes block-local softmax statistics relative to the block maximum m:
       teacher v: m_v, sum e^{z-m_v}, sum e^{z-m_v} (z-m_v)       (z = (t - c) / tau_t)
       student u: m_u, sum e^{x-m_u}                              (x = s / tau_s)
       pair (v, u): sum_k e^{z_vk - m_v} s_uk                     (un-normalised <p_v, s_u>)
-    and, summed over all b and v, the raw teacher column sums of its block (deterministic: no atomics).
+    and, summed over its images and all v, the raw teacher column sums of its block, one row per image group
+    (summed afterwards: deterministic, no atomics).
     """
     blk = tl.program_id(0)
+    group = tl.program_id(1)
     offs = blk * BLOCK_K + tl.arange(0, BLOCK_K)
     col_mask = offs < K
     views = tl.arange(0, T_PAD)
@@ -312,7 +314,7 @@ def _dino_ce_fwd_partials_kernel(
     if HAS_CENTRE:
         centre = tl.load(c_ptr + offs, mask=col_mask, other=0.0).to(tl.float32)
     column_sum = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for b in range(0, B):
+    for b in range(group * images_per_program, tl.minimum((group + 1) * images_per_program, B)):
         t_rows = (views * B + b).to(tl.int64)
         t = tl.load(t_ptr + t_rows[:, None] * stride_t + offs[None, :], mask=tile_mask, other=0.0).to(tl.float32)
         column_sum += tl.sum(t, axis=0)
@@ -336,7 +338,7 @@ def _dino_ce_fwd_partials_kernel(
             tl.store(s_max_ptr + s_part, m_s)
             tl.store(s_sum_ptr + s_part, tl.sum(tl.exp(x - m_s), axis=0))
             tl.store(dot_ptr + s_part * T + views, tl.sum(e * s[None, :], axis=1), mask=view_mask)
-    tl.store(column_sum_ptr + offs, column_sum, mask=col_mask)
+    tl.store(column_sum_ptr + group.to(tl.int64) * K + offs, column_sum, mask=col_mask)
 
 
 @_jit
@@ -460,6 +462,11 @@ def _block_k(K: int, t_pad: int) -> int:
     return max(16, min(triton.next_power_of_2(K), 256, 4096 // t_pad))
 
 
+# Forward programs wanted: blocks of K times groups of images. The loop over images inside a program keeps
+# the column sums in registers; groups add parallelism when K has few blocks (a few waves of SMs at 1024).
+_TARGET_PROGRAMS = 1024
+
+
 def _row_contiguous(x: torch.Tensor) -> torch.Tensor:
     # The kernels index columns with stride 1 and rows with an arbitrary stride.
     return x if x.stride(1) == 1 else x.contiguous()
@@ -476,14 +483,16 @@ class _TritonDinoCE(torch.autograd.Function):
         block_k = _block_k(K, t_pad)
         n_blocks = triton.cdiv(K, block_k)
         f32 = {"device": device, "dtype": torch.float32}
-        column_sum = torch.empty(K, **f32)
+        images_per_program = triton.cdiv(B, max(1, min(B, _TARGET_PROGRAMS // n_blocks)))
+        n_groups = triton.cdiv(B, images_per_program)
+        column_sums = torch.empty(n_groups, K, **f32)
         t_max, t_sum, t_shift = (torch.empty(B, n_blocks, T, **f32) for _ in range(3))
         s_max, s_sum = (torch.empty(B, n_blocks, S, **f32) for _ in range(2))
         dots = torch.empty(B, n_blocks, S, T, **f32)
-        _dino_ce_fwd_partials_kernel[(n_blocks,)](
-            student, teacher, centre, column_sum,
+        _dino_ce_fwd_partials_kernel[(n_blocks, n_groups)](
+            student, teacher, centre, column_sums,
             t_max, t_sum, t_shift, s_max, s_sum, dots,
-            K, B, n_blocks, student.stride(0), teacher.stride(0), 1.0 / tau_s, 1.0 / tau_t,
+            K, B, n_blocks, images_per_program, student.stride(0), teacher.stride(0), 1.0 / tau_s, 1.0 / tau_t,
             S=S, T=T, T_PAD=t_pad, HAS_CENTRE=centre is not None, BLOCK_K=block_k,
         )
         lse_t, lse_s = torch.empty(T * B, **f32), torch.empty(S * B, **f32)
@@ -495,6 +504,7 @@ class _TritonDinoCE(torch.autograd.Function):
             S=S, T=T, T_PAD=t_pad, S_PAD=triton.next_power_of_2(S), Q_PAD=triton.next_power_of_2(S * T),
             EXCLUDE_SAME=layout.exclude_same, NEG_BIG=_NEG_BIG, TILE=64,
         )
+        column_sum = column_sums[0] if n_groups == 1 else column_sums.sum(dim=0)
         loss = loss_per_image.sum() / (layout.n_pairs * B)
         entropy = entropy_per_image.sum() / (T * B)
         ctx.save_for_backward(student, teacher, centre, lse_s, lse_t)
