@@ -104,6 +104,7 @@ class DataConfig:
     global_crop_scale: list[float] = option([0.25, 1.0], "area range of global crops")
     local_crop_scale: list[float] = option([0.05, 0.25], "area range of local crops")
     num_workers: int = option(2, "data-loading worker processes")
+    train_samples: int = option(0, "train on a fixed random subset of this many images (0: the whole split)")
     synthetic_size: int = option(256, "synthetic source: images per split")
     synthetic_image_size: int = option(32, "synthetic source: image side, px")
     synthetic_classes: int = option(10, "synthetic source: classes")

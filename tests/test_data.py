@@ -397,3 +397,16 @@ def test_sampler_rejects_impossible_sizes() -> None:
         ResumableBatchSampler(10, 8, seed=0, world_size=2)
     with pytest.raises(ValueError, match="rank"):
         ResumableBatchSampler(10, 2, seed=0, rank=2, world_size=2)
+
+
+def test_limit_size_is_a_fixed_random_subset_that_keeps_the_metadata():
+    from mokd.data import limit_size
+
+    dataset = build_dataset("synthetic", "train", None, synthetic_size=100, synthetic_channels=1)
+    assert limit_size(dataset, 0, seed=0) is dataset and limit_size(dataset, 100, seed=0) is dataset
+    subset = limit_size(dataset, 30, seed=0)
+    again = limit_size(dataset, 30, seed=0)
+    assert len(subset) == 30 and subset.indices == again.indices
+    assert subset.indices != list(range(30))  # not the first N (an ImageFolder is sorted by class)
+    assert subset.channels == 1 and subset.targets == [dataset.targets[i] for i in subset.indices]
+    assert limit_size(dataset, 30, seed=1).indices != subset.indices

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
@@ -145,3 +146,25 @@ def num_classes(dataset: Dataset) -> int:
     if targets is None or len(targets) == 0:
         raise TypeError(f"{type(dataset).__name__} exposes neither .classes nor non-empty .targets")
     return int(max(targets)) + 1
+
+
+class SampledSubset(Subset):
+    """A fixed random subset (sorted indices) that keeps the dataset's `.channels`, `.classes` and `.targets`.
+
+    Random rather than the first N: an ImageFolder is sorted by class, so its first N images are a few classes.
+    """
+
+    def __init__(self, dataset: Dataset, size: int, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        indices = torch.randperm(len(dataset), generator=generator)[:size].sort().values.tolist()
+        super().__init__(dataset, indices)
+        self.channels = dataset.channels
+        self.classes = getattr(dataset, "classes", None)
+        self.targets = [dataset.targets[index] for index in indices]
+
+
+def limit_size(dataset: Dataset, size: int, seed: int) -> Dataset:
+    """The dataset itself when `size` is 0 or not smaller, else a fixed random subset of `size` samples."""
+    if size <= 0 or size >= len(dataset):
+        return dataset
+    return SampledSubset(dataset, size, seed)

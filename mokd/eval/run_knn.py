@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch.utils.data import Subset
 
 from mokd.config import MOKDConfig, load_config
-from mokd.data import EvalTransform, build_dataset, build_eval_loader, dataset_statistics, num_classes
+from mokd.data import EvalTransform, build_dataset, build_eval_loader, dataset_statistics, limit_size, num_classes
 from mokd.engine.checkpoint import CheckpointManager
 from mokd.engine.runtime import resolve_device
 from mokd.eval.knn import extract_features, knn_top1
@@ -40,9 +39,7 @@ def knn_scores(config: MOKDConfig, teachers: tuple[Network, Network], device: to
     image_size = min(config.eval.image_size, config.data.global_crop_size)
     transform = EvalTransform(image_size, mean, std, train_set.channels)
     classes = num_classes(train_set)
-    bank = train_set
-    if config.eval.max_train_samples and config.eval.max_train_samples < len(train_set):
-        bank = Subset(train_set, range(config.eval.max_train_samples))
+    bank = limit_size(train_set, config.eval.max_train_samples, config.train.seed)
     bank_loader = build_eval_loader(bank, transform, config.eval.batch_size, config.data.num_workers)
     test_loader = build_eval_loader(test_set, transform, config.eval.batch_size, config.data.num_workers)
     scores = []
