@@ -27,7 +27,7 @@ TINY_CLI = [
 
 def test_cli_trains_end_to_end_and_writes_tensorboard_jsonl_results(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    assert main(["train", "--no-progress", f"run_dir={run_dir}", *TINY_CLI]) == 0
+    assert main(["train", "--preset", "demo_cnn_vit", "--no-progress", f"run_dir={run_dir}", *TINY_CLI]) == 0
     printed = capsys.readouterr().out
     assert str(run_dir) in printed and "k-NN top-1" in printed
 
@@ -88,7 +88,7 @@ def test_unknown_config_key_is_refused_with_its_name(tmp_path, capsys):
 ])
 def test_impossible_pairs_are_refused_before_training(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config("demo", overrides)
+        load_config("demo_cnn_vit", overrides)
 
 
 def test_missing_dataset_says_how_to_install_it(tmp_path, capsys):
