@@ -80,10 +80,10 @@ def test_unknown_config_key_is_refused_with_its_name(tmp_path, capsys):
 
 @pytest.mark.parametrize("overrides,message", [
     (["model1.backbone=resnet152"], "model1.backbone"),
-    (["model2.width=100"], "model2.width"),  # 100 is not divisible by the ViT's 3 heads
+    (["model2.width=99"], "model2.width"),  # 99 is not divisible by the ViT's 2 heads
     (["model1.depth=4"], "model1.depth"),  # depth is a ViT option, model1 is a ResNet
     (["data.n_local_crops=0"], "n_local_crops"),  # the official search pairs local crops
-    (["head.thead_dim=100"], "head.thead_dim"),
+    (["head.thead_dim=99"], "head.thead_dim"),  # not divisible by the 2 T-Head heads
     (["loss.search_pairing=sideways"], "loss.search_pairing"),
 ])
 def test_impossible_pairs_are_refused_before_training(overrides, message):
