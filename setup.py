@@ -16,6 +16,9 @@ setup(
         "numpy",
         "pillow",
         "pyyaml",
+        "matplotlib>=3.7",
+        "scikit-learn>=1.3",
+        "threadpoolctl>=3.1",
     ],
     extras_require={
         "dev": ["pytest>=7"],

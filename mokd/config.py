@@ -140,6 +140,23 @@ class EvalConfig:
     knn_untrained: bool = option(True, "also score the untrained networks, for comparison")
     image_size: int = option(224, "evaluation image side, px (small sources keep their size)")
     max_train_samples: int = option(0, "k-NN memory bank size (0: the whole training split)")
+    linear_at_end: bool = option(True, "train a linear probe on both teacher backbones when training ends "
+                                 "(on the features the k-NN extracted; needs knn_at_end)")
+    linear_epochs: int = option(100, "linear-probe epochs over the cached (unaugmented) training features")
+    linear_batch_size: int = option(256, "linear-probe batch")
+    linear_lr: float = option(0.1, "linear-probe base lr, scaled by linear_batch_size / 256 (SGD, momentum 0.9, "
+                              "cosine, no weight decay; features standardised)")
+    linear_n_last_blocks: int = option(4, "ViT probe input: CLS tokens of the last n blocks, concatenated")
+    linear_avgpool_patch_tokens: bool = option(False, "ViT probe input: also append the average patch token")
+    finetune_epochs: int = option(30, "label-subset fine-tuning epochs (backbone + linear head)")
+    finetune_batch_size: int = option(64, "label-subset fine-tuning batch")
+    finetune_lr: float = option(0.01, "fine-tuning base lr, scaled by finetune_batch_size / 256 (SGD, momentum "
+                                "0.9, cosine, no weight decay)")
+    subset_seed: int = option(0, "seed of the class-balanced label subset (same seed, same subset)")
+    analysis_at_end: bool = option(True, "write the analysis plots (consistency, attention distance, t-SNE) "
+                                   "when training ends (needs knn_at_end)")
+    analysis_points: int = option(2000, "test images per model in the t-SNE plot")
+    analysis_attention_images: int = option(64, "test images for the mean attention distance")
 
 
 @dataclass

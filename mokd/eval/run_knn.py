@@ -1,18 +1,30 @@
-"""k-NN evaluation of both teacher backbones of a run (and of the same networks untrained)."""
+"""Evaluation of a run's two teacher backbones: loading a run, extracting features once, k-NN and linear probe.
+
+Features of the training split (capped at eval.max_train_samples) and of the test split are extracted once per
+model; the k-NN, the linear probe and the analyses all reuse them.
+"""
 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
 
 from mokd.config import MOKDConfig, load_config
 from mokd.data import EvalTransform, build_dataset, build_eval_loader, dataset_statistics, limit_size, num_classes
 from mokd.engine.checkpoint import CheckpointManager
 from mokd.engine.runtime import resolve_device
-from mokd.eval.knn import extract_features, knn_top1
+from mokd.eval.analysis import attention_distance, prediction_consistency, tsne_embedding
+from mokd.eval.finetune import classifier_top1, finetune, label_subset
+from mokd.eval.knn import knn_predict
+from mokd.eval.linear import EvalFeatures, extract_eval_features, probe_top1, train_linear_probe
+from mokd.eval.plots import attention_distance_figure, consistency_figure, embedding_figure, save_figure
 from mokd.method.network import Network
 from mokd.method.pair import build_pair
 
@@ -32,23 +44,59 @@ def eval_datasets(config: MOKDConfig):
     return splits
 
 
-def knn_scores(config: MOKDConfig, teachers: tuple[Network, Network], device: torch.device) -> list[float]:
-    """k-NN top-1 (percent) of each teacher backbone: train split as memory bank, test split as queries."""
+class ModelFeatures(NamedTuple):
+    bank: EvalFeatures  # training split (k-NN memory bank, linear-probe training set)
+    test: EvalFeatures  # held-out split
+
+
+def eval_loaders(config: MOKDConfig) -> tuple[DataLoader, DataLoader, int]:
+    """(memory-bank loader, test loader, number of classes) with the deterministic evaluation transform."""
     train_set, test_set = eval_datasets(config)
     mean, std = dataset_statistics(config.data.source, train_set.channels)
     image_size = min(config.eval.image_size, config.data.global_crop_size)
     transform = EvalTransform(image_size, mean, std, train_set.channels)
-    classes = num_classes(train_set)
     bank = limit_size(train_set, config.eval.max_train_samples, config.train.seed)
     bank_loader = build_eval_loader(bank, transform, config.eval.batch_size, config.data.num_workers)
     test_loader = build_eval_loader(test_set, transform, config.eval.batch_size, config.data.num_workers)
-    scores = []
+    return bank_loader, test_loader, num_classes(train_set)
+
+
+def extract_run_features(config: MOKDConfig, teachers: Sequence[Network],
+                         device: torch.device) -> tuple[list[ModelFeatures], int]:
+    """Both teachers' k-NN and probe features of bank and test split (one pass each), and the class count."""
+    bank_loader, test_loader, classes = eval_loaders(config)
+    features = []
     for teacher in teachers:
-        bank_features, bank_labels = extract_features(teacher.backbone, bank_loader, device)
-        test_features, test_labels = extract_features(teacher.backbone, test_loader, device)
-        scores.append(knn_top1(bank_features, bank_labels, test_features, test_labels, classes,
-                               config.eval.knn_k, config.eval.knn_temperature))
-    return scores
+        extract = partial(extract_eval_features, teacher.backbone, device=device,
+                          n_last_blocks=config.eval.linear_n_last_blocks,
+                          avgpool_patch_tokens=config.eval.linear_avgpool_patch_tokens)
+        features.append(ModelFeatures(extract(bank_loader), extract(test_loader)))
+    return features, classes
+
+
+def knn_predictions(config: MOKDConfig, features: ModelFeatures, classes: int) -> torch.Tensor:
+    """k-NN class of every test image (train split as memory bank)."""
+    normalise = partial(F.normalize, dim=1)
+    return knn_predict(normalise(features.bank.pooled), features.bank.labels, normalise(features.test.pooled),
+                       classes, config.eval.knn_k, config.eval.knn_temperature)
+
+
+def knn_top1_of(config: MOKDConfig, features: ModelFeatures, classes: int) -> float:
+    predicted = knn_predictions(config, features, classes)
+    return 100.0 * (predicted == features.test.labels).float().mean().item()
+
+
+def linear_top1_of(config: MOKDConfig, features: ModelFeatures, classes: int) -> float:
+    """Linear probe trained on the bank features, scored on the test features (top-1, percent)."""
+    probe = train_linear_probe(features.bank.probe, features.bank.labels, classes, config.eval.linear_epochs,
+                               config.eval.linear_batch_size, config.eval.linear_lr, config.train.seed)
+    return probe_top1(probe, features.test.probe, features.test.labels)
+
+
+def knn_scores(config: MOKDConfig, teachers: Sequence[Network], device: torch.device) -> list[float]:
+    """k-NN top-1 (percent) of each teacher backbone: train split as memory bank, test split as queries."""
+    features, classes = extract_run_features(config, teachers, device)
+    return [knn_top1_of(config, model_features, classes) for model_features in features]
 
 
 def untrained_networks(config: MOKDConfig, in_chans: int, device: torch.device) -> tuple[Network, Network]:
@@ -57,32 +105,206 @@ def untrained_networks(config: MOKDConfig, in_chans: int, device: torch.device) 
     return tuple(teacher.to(device) for teacher in teachers)
 
 
-def evaluate_run(config: MOKDConfig, teachers: tuple[Network, Network], device: torch.device,
-                 steps: int) -> dict:
-    """k-NN of both trained teachers (and untrained networks if asked), written to RUN/results.json."""
-    trained = knn_scores(config, teachers, device)
+def update_results(run_dir: Path, updates: dict) -> dict:
+    """Merge `updates` into RUN/results.json (per-model entries key by key) and return the merged results."""
+    path = Path(run_dir) / RESULTS_FILE
+    results = json.loads(path.read_text()) if path.exists() else {}
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(results.get(key), dict):
+            results[key].update(value)
+        else:
+            results[key] = value
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def evaluate_run(config: MOKDConfig, teachers: Sequence[Network], device: torch.device, steps: int,
+                 features: Optional[list[ModelFeatures]] = None, linear: Optional[bool] = None) -> dict:
+    """k-NN (and the linear probe when `linear`, default eval.linear_at_end) of both trained teachers, and k-NN
+    of the untrained networks if asked, written to RUN/results.json. `features`: already extracted ones."""
+    linear = config.eval.linear_at_end if linear is None else linear
+    classes = None
+    if features is None:
+        features, classes = extract_run_features(config, teachers, device)
+    classes = classes or num_classes(eval_datasets(config)[0])
     untrained: list[Optional[float]] = [None, None]
     if config.eval.knn_untrained:
         untrained = knn_scores(config, untrained_networks(config, teachers[0].backbone.in_chans, device), device)
     results = {"run_dir": str(Path(config.run_dir).resolve()), "steps": steps, "dataset": config.data.source,
                "knn": {"k": config.eval.knn_k, "temperature": config.eval.knn_temperature}}
+    if linear:
+        results["linear"] = linear_settings(config)
     for which, model in enumerate((config.model1, config.model2)):
-        results[f"model{which + 1}"] = {"backbone": model.backbone, "knn_top1": trained[which],
-                                        "knn_top1_untrained": untrained[which]}
+        row = {"backbone": model.backbone, "knn_top1": knn_top1_of(config, features[which], classes),
+               "knn_top1_untrained": untrained[which]}
+        if linear:
+            row["linear_top1"] = linear_top1_of(config, features[which], classes)
+        results[f"model{which + 1}"] = row
     (Path(config.run_dir) / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
+def linear_settings(config: MOKDConfig) -> dict:
+    return {"epochs": config.eval.linear_epochs, "batch_size": config.eval.linear_batch_size,
+            "base_lr": config.eval.linear_lr, "train_samples": config.eval.max_train_samples or "all",
+            "vit_n_last_blocks": config.eval.linear_n_last_blocks,
+            "vit_avgpool_patch_tokens": config.eval.linear_avgpool_patch_tokens,
+            "augmentation": "none (features cached once)"}
+
+
+def evaluate_linear(config: MOKDConfig, teachers: Sequence[Network], device: torch.device, steps: int) -> dict:
+    """Linear probe of both teachers, merged into RUN/results.json."""
+    features, classes = extract_run_features(config, teachers, device)
+    updates: dict = {"steps": steps, "dataset": config.data.source, "linear": linear_settings(config)}
+    for which, model in enumerate((config.model1, config.model2)):
+        updates[f"model{which + 1}"] = {"backbone": model.backbone,
+                                        "linear_top1": linear_top1_of(config, features[which], classes)}
+    return update_results(Path(config.run_dir), updates)
+
+
+def evaluate_finetune(config: MOKDConfig, teachers: Sequence[Network], device: torch.device, steps: int,
+                      fraction: float) -> dict:
+    """Both teacher backbones fine-tuned on the class-balanced `fraction` of the training labels (seeded by
+    eval.subset_seed), scored on the test split, merged into RUN/results.json as model*/finetune_<pct>_top1."""
+    train_set, _ = eval_datasets(config)
+    _, test_loader, classes = eval_loaders(config)
+    subset = label_subset(train_set, fraction, config.eval.subset_seed)
+    # The evaluation loader's dataset applies the deterministic transform; fine-tuning needs it shuffled.
+    transformed = build_eval_loader(subset, test_loader.dataset.transform, 1, 0).dataset
+    shuffle = torch.Generator().manual_seed(config.train.seed)
+    batch_size = min(config.eval.finetune_batch_size, len(subset))
+    train_loader = DataLoader(transformed, batch_size=batch_size, shuffle=True, generator=shuffle,
+                              drop_last=len(subset) > batch_size, num_workers=config.data.num_workers)
+    key = f"finetune_{fraction * 100:g}pct_top1"
+    updates: dict = {"steps": steps, "dataset": config.data.source,
+                     key.replace("_top1", ""): {"fraction": fraction, "labels": len(subset),
+                                                "epochs": config.eval.finetune_epochs,
+                                                "batch_size": batch_size, "base_lr": config.eval.finetune_lr,
+                                                "subset_seed": config.eval.subset_seed}}
+    for which, (model, teacher) in enumerate(zip((config.model1, config.model2), teachers)):
+        tuned = finetune(teacher.backbone, train_loader, classes, device, config.eval.finetune_epochs,
+                         config.eval.finetune_lr, config.train.seed)
+        updates[f"model{which + 1}"] = {"backbone": model.backbone, key: classifier_top1(tuned, test_loader, device)}
+    return update_results(Path(config.run_dir), updates)
+
+
+def model_label(config: MOKDConfig, which: int) -> str:
+    """"model1: resnet18 (width 16)" and the like, for figure titles."""
+    model = (config.model1, config.model2)[which]
+    width = "" if model.width is None else f" (width {model.width})"
+    return f"model{which + 1}: {model.backbone}{width}"
+
+
+def _analysis_images(loader: DataLoader, count: int) -> torch.Tensor:
+    """The first `count` test images (deterministic order)."""
+    images, collected = [], 0
+    for batch, _ in loader:
+        images.append(batch)
+        collected += batch.shape[0]
+        if collected >= count:
+            break
+    return torch.cat(images)[:count]
+
+
+def analyse_run(config: MOKDConfig, teachers: Sequence[Network], device: torch.device, steps: int,
+                features: Optional[list[ModelFeatures]] = None,
+                reference: Optional[tuple[MOKDConfig, Sequence[Network]]] = None) -> dict:
+    """Prediction consistency, mean attention distance and t-SNE plots of both teachers, as PNGs in RUN/analysis/
+    and images in RUN/tensorboard; the numbers go to RUN/results.json under "analysis".
+
+    `reference`: (config, teachers) of another run on the same data (e.g. two independently trained models of
+    similar accuracy), whose k-NN predictions are compared with this run's as in the paper's Table 9.
+    """
+    run_dir = Path(config.run_dir)
+    _, test_loader, classes = eval_loaders(config)
+    if features is None:
+        features, classes = extract_run_features(config, teachers, device)
+    labels = [model_label(config, which) for which in range(2)]
+    predictions = [knn_predictions(config, model_features, classes) for model_features in features]
+    pairs = [(f"{labels[0]}\nvs {labels[1]}", prediction_consistency(*predictions))]
+    if reference is not None:
+        reference_config, reference_teachers = reference
+        if reference_config.data.source != config.data.source:
+            raise ValueError(f"reference run {reference_config.run_dir} was trained on "
+                             f"{reference_config.data.source}, this run on {config.data.source}")
+        reference_features, _ = extract_run_features(config, reference_teachers, device)
+        reference_predictions = [knn_predictions(config, model_features, classes)
+                                 for model_features in reference_features]
+        reference_labels = [f"reference {model_label(reference_config, which)}" for which in range(2)]
+        pairs.append((f"{reference_labels[0]}\nvs {reference_labels[1]}",
+                      prediction_consistency(*reference_predictions)))
+        for which in range(2):
+            pairs.append((f"{labels[which]}\nvs {reference_labels[which]}",
+                          prediction_consistency(predictions[which], reference_predictions[which])))
+
+    images = _analysis_images(test_loader, config.eval.analysis_attention_images).to(device)
+    distances = [attention_distance(teacher.backbone.eval(), images) for teacher in teachers]
+
+    generator = torch.Generator().manual_seed(config.train.seed)
+    test_labels = features[0].test.labels
+    chosen = torch.randperm(test_labels.shape[0], generator=generator)[:config.eval.analysis_points]
+    embeddings = [tsne_embedding(model_features.test.pooled[chosen], config.train.seed)
+                  for model_features in features]
+    train_set, _ = eval_datasets(config)
+    class_names = list(getattr(train_set, "classes", None) or [str(k) for k in range(classes)])
+
+    out = run_dir / "analysis"
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    try:
+        files = [
+            save_figure(consistency_figure(pairs, config.data.source), out / "prediction_consistency.png",
+                        writer, "analysis/prediction_consistency", steps),
+            save_figure(attention_distance_figure([(labels[which], teachers[which].backbone.is_vit,
+                                                    distances[which]) for which in range(2)]),
+                        out / "attention_distance.png", writer, "analysis/attention_distance", steps),
+            save_figure(embedding_figure(list(zip(labels, embeddings)), test_labels[chosen].numpy(), class_names),
+                        out / "feature_tsne.png", writer, "analysis/feature_tsne", steps),
+        ]
+    finally:
+        writer.close()
+    analysis = {"steps": steps, "prediction_consistency": {label.replace("\n", " "): value
+                                                           for label, value in pairs},
+                "attention_distance_px": {labels[which]: distances[which].mean(dim=1).tolist()
+                                          for which in range(2)},
+                "figures": [str(path) for path in files]}
+    update_results(run_dir, {"analysis": analysis})
+    return analysis
+
+
+def format_analysis(analysis: dict) -> str:
+    lines = ["prediction consistency (same k-NN class, % of test images):"]
+    lines += [f"  {label}: {value:.2f}" for label, value in analysis["prediction_consistency"].items()]
+    lines.append("mean attention distance per layer (input pixels):")
+    lines += [f"  {label}: {', '.join(f'{value:.1f}' for value in values)}"
+              for label, values in analysis["attention_distance_px"].items()]
+    lines.append("figures: " + ", ".join(analysis["figures"]))
+    return "\n".join(lines)
+
+
 def format_table(results: dict) -> str:
-    lines = [f"k-NN top-1 on the {results['dataset']} test set (k={results['knn']['k']}, "
-             f"T={results['knn']['temperature']}), teacher backbones after {results['steps']} steps",
-             f"{'model':<8} {'backbone':<24} {'untrained':>10} {'trained':>10} {'gain':>8}"]
+    """Both models' scores as a text table: k-NN (untrained, trained, gain), then whichever of the linear
+    probe and the fine-tuning results the run has."""
+    extra = sorted({key for which in ("model1", "model2") for key in results.get(which, {})
+                    if key == "linear_top1" or key.startswith("finetune_")})
+    lines = []
+    if "knn" in results:
+        lines.append(f"k-NN top-1 on the {results['dataset']} test set (k={results['knn']['k']}, "
+                     f"T={results['knn']['temperature']}), teacher backbones after {results['steps']} steps")
+    if extra:
+        lines.append(f"then: {', '.join(extra)} (top-1, percent)")
+    header = f"{'model':<8} {'backbone':<24} {'untrained':>10} {'k-NN':>10} {'gain':>8}"
+    lines.append(header + "".join(f" {key.replace('_top1', ''):>14}" for key in extra))
     for which in ("model1", "model2"):
         row = results[which]
-        untrained = row["knn_top1_untrained"]
-        gain = "" if untrained is None else f"{row['knn_top1'] - untrained:+.2f}"
-        untrained_text = "" if untrained is None else f"{untrained:.2f}"
-        lines.append(f"{which:<8} {row['backbone']:<24} {untrained_text:>10} {row['knn_top1']:>10.2f} {gain:>8}")
+        knn, untrained = row.get("knn_top1"), row.get("knn_top1_untrained")
+        gain = "" if untrained is None or knn is None else f"{knn - untrained:+.2f}"
+        cells = [f"{'' if value is None else f'{value:.2f}':>{width}}"
+                 for value, width in ((untrained, 10), (knn, 10))]
+        line = f"{which:<8} {row['backbone']:<24} {cells[0]} {cells[1]} {gain:>8}"
+        for key in extra:
+            value = row.get(key)
+            line += f" {'' if value is None else f'{value:.2f}':>14}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -107,3 +329,26 @@ def evaluate_knn_command(run_dir: Path, overrides: Optional[list[str]] = None) -
     config, teachers, step = load_run(run_dir, overrides)
     device = resolve_device(config.train.device)
     return evaluate_run(config, tuple(t.to(device) for t in teachers), device, step)
+
+
+def evaluate_linear_command(run_dir: Path, overrides: Optional[list[str]] = None) -> dict:
+    config, teachers, step = load_run(run_dir, overrides)
+    device = resolve_device(config.train.device)
+    return evaluate_linear(config, tuple(t.to(device) for t in teachers), device, step)
+
+
+def evaluate_finetune_command(run_dir: Path, fraction: float, overrides: Optional[list[str]] = None) -> dict:
+    config, teachers, step = load_run(run_dir, overrides)
+    device = resolve_device(config.train.device)
+    return evaluate_finetune(config, tuple(t.to(device) for t in teachers), device, step, fraction)
+
+
+def analyse_command(run_dir: Path, reference_run: Optional[Path] = None,
+                    overrides: Optional[list[str]] = None) -> dict:
+    config, teachers, step = load_run(run_dir, overrides)
+    device = resolve_device(config.train.device)
+    reference = None
+    if reference_run is not None:
+        reference_config, reference_teachers, _ = load_run(reference_run)
+        reference = (reference_config, tuple(t.to(device) for t in reference_teachers))
+    return analyse_run(config, tuple(t.to(device) for t in teachers), device, step, reference=reference)

@@ -1,4 +1,4 @@
-"""The `mokd` command line: train, eval, presets."""
+"""The `mokd` command line: train, eval (knn, linear, finetune, analyse), export, presets."""
 
 from __future__ import annotations
 
@@ -60,23 +60,91 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--run", required=True, type=Path, help="run directory (holds config.yaml, checkpoints/)")
     knn.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. eval.knn_k=10")
 
+    linear = protocols.add_parser(
+        "linear", formatter_class=_formatter, help="linear probe on both frozen teacher backbones",
+        description="DINO's linear probe on both frozen teacher backbones (ResNet: pooled features; ViT: CLS of "
+                    "the last eval.linear_n_last_blocks blocks, optionally with the average patch token). "
+                    "Features are extracted once without augmentation and the epochs run over the cached "
+                    "features. Top-1 merged into RUN/results.json.")
+    linear.add_argument("--run", required=True, type=Path, help="run directory")
+    linear.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. eval.linear_epochs=50")
+
+    tune = protocols.add_parser(
+        "finetune", formatter_class=_formatter, help="fine-tune both backbones on a label subset",
+        description="Fine-tune each teacher backbone with a linear head on a class-balanced subset of the "
+                    "training labels (seeded by eval.subset_seed: the same subset every time), score on the "
+                    "test split; merged into RUN/results.json.")
+    tune.add_argument("--run", required=True, type=Path, help="run directory")
+    tune.add_argument("--fraction", required=True, type=float, help="label fraction, e.g. 0.01 or 0.1")
+    tune.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. eval.finetune_epochs=10")
+
+    analyse = protocols.add_parser(
+        "analyse", formatter_class=_formatter, help="prediction consistency, attention distance, t-SNE plots",
+        description="The paper's analyses of both teachers: prediction consistency of their k-NN predictions "
+                    "(and against --reference-run), mean attention distance per layer, t-SNE of the features. "
+                    "PNGs in RUN/analysis/, images in RUN/tensorboard, numbers in RUN/results.json.")
+    analyse.add_argument("--run", required=True, type=Path, help="run directory")
+    analyse.add_argument("--reference-run", type=Path, default=None,
+                         help="another run on the same data (e.g. independently trained models of similar accuracy)")
+    analyse.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. eval.analysis_points=500")
+
+    export = commands.add_parser(
+        "export", formatter_class=_formatter, help="write a teacher backbone as a timm or detectron2 checkpoint",
+        description="Write teacher backbone 1 or 2 of a run's newest checkpoint: --format timm, a plain state "
+                    "dict loading with strict=True into timm.create_model(name, num_classes=0, ...) (the "
+                    "small-image ResNet needs its stock conv1/maxpool replaced as in mokd/eval/export.py); "
+                    "--format detectron2, a pickled detectron2 ResNet checkpoint.")
+    export.add_argument("--run", required=True, type=Path, help="run directory")
+    export.add_argument("--model", required=True, type=int, choices=(1, 2), help="which model of the pair")
+    export.add_argument("--format", required=True, choices=("timm", "detectron2"), help="checkpoint format")
+    export.add_argument("--out", required=True, type=Path, help="output file")
+
     commands.add_parser("presets", help="list the presets")
     return parser
 
 
 def train_command(preset: str, overrides: list[str], show_progress: bool) -> int:
     from mokd.engine.trainer import Trainer
-    from mokd.eval.run_knn import evaluate_run, format_table
+    from mokd.eval.run_knn import analyse_run, evaluate_run, extract_run_features, format_analysis, format_table
 
     config = load_config(preset, overrides)
     trainer = Trainer(config, show_progress=show_progress)
     print(f"run directory: {trainer.run_dir.resolve()}", flush=True)
     trainer.train()
     if config.eval.knn_at_end:
-        results = evaluate_run(config, trainer.teachers, trainer.device, trainer.step)
+        # One feature pass per model serves the k-NN, the linear probe and the analyses.
+        features, _ = extract_run_features(config, trainer.teachers, trainer.device)
+        results = evaluate_run(config, trainer.teachers, trainer.device, trainer.step, features=features)
         print(format_table(results))
+        if config.eval.analysis_at_end:
+            print(format_analysis(analyse_run(config, trainer.teachers, trainer.device, trainer.step, features)))
         print(f"results: {trainer.run_dir.resolve() / 'results.json'}")
     print(f"run directory: {trainer.run_dir.resolve()} (TensorBoard: tensorboard --logdir {trainer.run_dir})")
+    return 0
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from mokd.eval import run_knn
+
+    if args.protocol == "knn":
+        print(run_knn.format_table(run_knn.evaluate_knn_command(args.run, args.overrides)))
+    elif args.protocol == "linear":
+        print(run_knn.format_table(run_knn.evaluate_linear_command(args.run, args.overrides)))
+    elif args.protocol == "finetune":
+        print(run_knn.format_table(run_knn.evaluate_finetune_command(args.run, args.fraction, args.overrides)))
+    else:
+        print(run_knn.format_analysis(run_knn.analyse_command(args.run, args.reference_run, args.overrides)))
+    return 0
+
+
+def export_command(run_dir: Path, model: int, fmt: str, out: Path) -> int:
+    from mokd.eval.export import export_backbone
+    from mokd.eval.run_knn import load_run
+
+    config, teachers, step = load_run(run_dir)
+    model_config = (config.model1, config.model2)[model - 1]
+    path = export_backbone(teachers[model - 1].backbone.net, model_config, out, fmt)
+    print(f"model{model} ({model_config.backbone}) teacher backbone after {step} steps -> {path} ({fmt})")
     return 0
 
 
@@ -86,13 +154,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "train":
             return train_command(args.preset, args.overrides, not args.no_progress)
         if args.command == "eval":
-            from mokd.eval.run_knn import evaluate_knn_command, format_table
-
-            print(format_table(evaluate_knn_command(args.run, args.overrides)))
-            return 0
+            return eval_command(args)
+        if args.command == "export":
+            return export_command(args.run, args.model, args.format, args.out)
         print(preset_summary())
         return 0
-    except (ConfigError, FileNotFoundError, CheckpointError) as error:
+    except (ConfigError, FileNotFoundError, CheckpointError, ValueError) as error:
         print(f"mokd: error: {error}", file=sys.stderr)
         return 2
 
