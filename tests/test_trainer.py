@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from helpers import TINY_RESNET, TINY_VIT, tiny_config
+from mokd.engine.checkpoint import CheckpointError
 from mokd.engine.optim import build_optimizer, clip_gradients_, drop_last_layer_gradients_, set_schedule
 from mokd.engine.trainer import Trainer, build_train_data
 from mokd.method.pair import build_network, make_teacher
@@ -146,3 +148,20 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path):
     # keep_last=2: steps 4 (end of epoch 1) and 6 remain.
     kept = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
     assert kept == ["step_00000004", "step_00000006"]
+
+
+def test_a_killed_run_resumes_without_duplicate_metrics_and_a_fresh_start_never_overwrites(tmp_path):
+    extra = ["checkpoint.every_steps=2", "train.log_every=1"]
+    Trainer(tiny_config(tmp_path, extra=extra + ["train.max_steps=3"]), show_progress=False).train()
+    # Killed after logging step 3 but before its checkpoint landed: resume from step 2 repeats step 3.
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000003")
+    resumed = Trainer(tiny_config(tmp_path, extra=extra + ["train.max_steps=4"]), show_progress=False)
+    assert resumed.step == 2
+    resumed.train()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+    config_before = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(CheckpointError, match="checkpoint.resume=false"):
+        Trainer(tiny_config(tmp_path, extra=extra + ["checkpoint.resume=false", "train.seed=7"]), show_progress=False)
+    assert (tmp_path / "config.yaml").read_text() == config_before

@@ -15,8 +15,12 @@ class MetricsLogger:
     """`log(step, scalars)` writes the same record to TensorBoard (RUN/tensorboard) and RUN/metrics.jsonl."""
 
     def __init__(self, run_dir: Path, total_steps: int, initial_step: int, show_progress: bool = True) -> None:
+        # A resumed run repeats the steps after its checkpoint: drop what was logged for them before (TensorBoard's
+        # purge_step does the same for the event files).
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=initial_step)
-        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+        jsonl_path = Path(run_dir) / "metrics.jsonl"
+        _truncate_after(jsonl_path, initial_step)
+        self.jsonl = open(jsonl_path, "a", buffering=1)
         self.progress: Optional[tqdm] = None
         if show_progress:
             self.progress = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
@@ -39,3 +43,13 @@ class MetricsLogger:
             self.progress.close()
         self.writer.close()
         self.jsonl.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep only the records of steps <= `step` (written atomically)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    staging = path.with_suffix(".jsonl.tmp")
+    staging.write_text("".join(line + "\n" for line in kept))
+    staging.replace(path)

@@ -14,7 +14,7 @@ import torch
 
 from mokd.config import MOKDConfig, save_config, to_yaml
 from mokd.data import MultiCropTransform, build_dataset, build_train_loader, dataset_statistics, limit_size
-from mokd.engine.checkpoint import CheckpointManager
+from mokd.engine.checkpoint import CheckpointError, CheckpointManager
 from mokd.engine.metrics import MetricsLogger
 from mokd.engine.optim import build_optimizer, clip_gradients_, drop_last_layer_gradients_, set_schedule
 from mokd.engine.runtime import (autocast, autocast_dtype, peak_memory_bytes, resolve_device, restore_rng_state,
@@ -46,6 +46,11 @@ class Trainer:
         self.config = config
         self.run_dir = Path(config.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = CheckpointManager(self.run_dir, config.checkpoint.keep_last)
+        latest = self.checkpoints.latest()
+        if latest is not None and not config.checkpoint.resume:  # refuse before touching the run's files
+            raise CheckpointError(f"{self.run_dir} already holds checkpoints (newest {latest.name}) and "
+                                  f"checkpoint.resume=false: choose a new run_dir, or remove {self.checkpoints.directory}")
         save_config(config, self.run_dir / "config.yaml")
         set_determinism(config.train.seed, config.train.deterministic)
         self.device = resolve_device(config.train.device)
@@ -73,9 +78,8 @@ class Trainer:
                           for model in model_configs]
         self.teacher_pairs = [(list(t.parameters()), list(s.parameters())) for t, s in zip(self.teachers, self.students)]
 
-        self.checkpoints = CheckpointManager(self.run_dir, config.checkpoint.keep_last)
         self.step = 0
-        if config.checkpoint.resume and (latest := self.checkpoints.latest()) is not None:
+        if latest is not None:
             self.load_state(CheckpointManager.load(latest))
         self.metrics = MetricsLogger(self.run_dir, self.last_step, self.step, show_progress)
 
