@@ -1,0 +1,102 @@
+"""`mokd train` ends with k-NN, linear probe and analysis plots; eval linear/finetune/analyse and export end to end."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mokd.config import load_config
+from mokd.eval.export import stock_timm_model
+from mokd.eval.run_knn import load_run
+from mokd.launch.cli import main
+
+TINY_RUN = [
+    "model1.backbone=resnet18", "model1.small_image=true", "model1.width=8",
+    "model2.backbone=vit_tiny_patch16_224", "model2.small_image=true", "model2.width=32", "model2.depth=2",
+    "model2.num_heads=2", "head.out_dim=64", "head.mlp_hidden_dim=32", "head.mlp_bottleneck_dim=16",
+    "head.thead_dim=32", "head.thead_depth=1", "head.thead_heads=2", "data.source=synthetic",
+    "data.synthetic_size=40", "data.synthetic_image_size=16", "data.synthetic_channels=1",
+    "data.global_crop_size=16", "data.local_crop_size=8", "data.n_local_crops=2", "data.num_workers=0",
+    "train.epochs=1", "train.batch_size=8", "train.log_every=5", "eval.batch_size=16", "eval.image_size=16",
+    "eval.knn_untrained=false", "eval.linear_epochs=5", "eval.analysis_attention_images=8",
+    "eval.finetune_epochs=1", "eval.finetune_batch_size=4",
+]
+FIGURES = ("prediction_consistency.png", "attention_distance.png", "feature_tsne.png")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("eval") / "run"
+    assert main(["train", "--preset", "demo", "--no-progress", f"run_dir={run_dir}", *TINY_RUN]) == 0
+    return run_dir
+
+
+def assert_readable_png(path):
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20  # drawn on, not a blank canvas
+
+
+def test_train_ends_with_knn_linear_probe_and_plots(trained_run, capsys):
+    results = json.loads((trained_run / "results.json").read_text())
+    for which in ("model1", "model2"):
+        assert 0.0 <= results[which]["knn_top1"] <= 100.0
+        assert 0.0 <= results[which]["linear_top1"] <= 100.0
+    assert results["linear"]["epochs"] == 5
+    analysis = results["analysis"]
+    assert len(analysis["attention_distance_px"]["model1: resnet18 (width 8)"]) == 4  # four ResNet stages
+    assert len(analysis["attention_distance_px"]["model2: vit_tiny_patch16_224 (width 32)"]) == 2  # two blocks
+    for name in FIGURES:
+        assert_readable_png(trained_run / "analysis" / name)
+    events = EventAccumulator(str(trained_run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert {f"analysis/{name[:-4]}" for name in FIGURES} <= set(events.Tags()["images"])
+
+
+def test_eval_linear_finetune_and_analyse_commands(trained_run, capsys):
+    assert main(["eval", "linear", "--run", str(trained_run), "eval.linear_epochs=3"]) == 0
+    assert "linear" in capsys.readouterr().out
+    assert json.loads((trained_run / "results.json").read_text())["linear"]["epochs"] == 3
+
+    assert main(["eval", "finetune", "--run", str(trained_run), "--fraction", "0.1"]) == 0
+    assert "finetune_10pct" in capsys.readouterr().out
+    results = json.loads((trained_run / "results.json").read_text())
+    assert results["finetune_10pct"]["labels"] == 10  # 10 % of 40 images = one per class
+    assert 0.0 <= results["model2"]["finetune_10pct_top1"] <= 100.0
+    assert "knn_top1" in results["model1"]  # merged, not overwritten
+
+    for name in FIGURES:
+        (trained_run / "analysis" / name).unlink()
+    assert main(["eval", "analyse", "--run", str(trained_run), "--reference-run", str(trained_run)]) == 0
+    assert "prediction consistency" in capsys.readouterr().out
+    consistency = json.loads((trained_run / "results.json").read_text())["analysis"]["prediction_consistency"]
+    assert len(consistency) == 4  # this pair, the reference pair, each model against its reference
+    assert consistency["model1: resnet18 (width 8) vs reference model1: resnet18 (width 8)"] == 100.0
+    for name in FIGURES:
+        assert_readable_png(trained_run / "analysis" / name)
+
+
+def test_export_command_round_trips_through_the_stock_model(trained_run, tmp_path):
+    out = tmp_path / "model2.pth"
+    assert main(["export", "--run", str(trained_run), "--model", "2", "--format", "timm", "--out", str(out)]) == 0
+    config, teachers, _ = load_run(trained_run)
+    stock = stock_timm_model(config.model2, 1, 16).eval()
+    stock.load_state_dict(torch.load(out), strict=True)
+    images = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(stock(images), teachers[1].backbone.eval()(images).pooled)
+
+    d2 = tmp_path / "model1.pkl"
+    assert main(["export", "--run", str(trained_run), "--model", "1", "--format", "detectron2", "--out", str(d2)]) == 0
+    with open(d2, "rb") as handle:
+        assert "res5.1.conv2.norm.weight" in pickle.load(handle)["model"]
+    assert main(["export", "--run", str(trained_run), "--model", "2", "--format", "detectron2",
+                 "--out", str(tmp_path / "vit.pkl")]) == 2  # a ViT has no detectron2 ResNet form: a clean error
+    assert load_config(str(trained_run / "config.yaml")).eval.linear_at_end

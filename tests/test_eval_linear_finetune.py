@@ -1,0 +1,69 @@
+"""Linear probe on a planted linear rule, class-balanced reproducible label subsets, fine-tuning step."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import TINY_RESNET, tiny_config
+from mokd.eval.finetune import augment, balanced_subset, classifier_top1, finetune
+from mokd.eval.linear import extract_eval_features, probe_top1, train_linear_probe
+from mokd.method.backbones import Backbone
+
+
+def planted_problem(samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian features on uneven scales whose class is the argmax of a fixed random linear map."""
+    generator = torch.Generator().manual_seed(seed)
+    rule = torch.randn(32, 5, generator=torch.Generator().manual_seed(123))
+    features = torch.randn(samples, 32, generator=generator) * torch.linspace(0.1, 10.0, 32)
+    return features, (features / torch.linspace(0.1, 10.0, 32) @ rule).argmax(dim=1)
+
+
+def test_linear_probe_learns_a_planted_linear_rule():
+    train_features, train_labels = planted_problem(4000, seed=0)
+    test_features, test_labels = planted_problem(1000, seed=1)
+    probe = train_linear_probe(train_features, train_labels, 5, epochs=30, batch_size=256, base_lr=0.1)
+    assert probe_top1(probe, test_features, test_labels) > 95.0
+    assert probe_top1(probe, train_features, train_labels) > 95.0
+
+
+def test_balanced_subset_is_balanced_and_reproducible():
+    targets = [k % 10 for k in range(1000)] + [3] * 500  # unbalanced: 600 samples of class 3, 100 of others
+    first = balanced_subset(targets, 0.1, seed=7)
+    assert first == balanced_subset(targets, 0.1, seed=7)  # same seed, same subset
+    assert first != balanced_subset(targets, 0.1, seed=8)
+    counts = Counter(targets[i] for i in first)
+    assert counts == {k: (60 if k == 3 else 10) for k in range(10)}  # 10 % of every class
+    assert first == sorted(set(first))
+    tiny = balanced_subset(targets, 0.001, seed=0)  # at least one per class
+    assert Counter(targets[i] for i in tiny) == {k: 1 for k in range(10)}
+
+
+def test_vit_probe_features_concatenate_last_blocks_and_end_with_the_pooled_cls(tmp_path):
+    config = tiny_config(tmp_path)
+    backbone = Backbone(config.model2, 1, 16, 0.0)
+    loader = DataLoader(TensorDataset(torch.randn(6, 1, 16, 16), torch.arange(6)), batch_size=4)
+    features = extract_eval_features(backbone, loader, torch.device("cpu"), n_last_blocks=4,
+                                     avgpool_patch_tokens=True)
+    width = backbone.num_features
+    assert features.probe.shape == (6, 3 * width)  # 2 blocks (all of this depth-2 ViT) + average patch token
+    assert torch.allclose(features.probe[:, width:2 * width], features.pooled, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(backbone.eval()(loader.dataset.tensors[0]).pooled, features.pooled, atol=1e-5)
+
+
+def test_finetune_trains_the_backbone_and_leaves_the_original_alone(tmp_path):
+    config = tiny_config(tmp_path, model2=TINY_RESNET)
+    backbone = Backbone(config.model1, 1, 16, 0.0)
+    before = {name: tensor.clone() for name, tensor in backbone.state_dict().items()}
+    images = torch.randn(32, 1, 16, 16)
+    labels = (images.mean(dim=(1, 2, 3)) > 0).long()
+    images = images + labels.view(-1, 1, 1, 1).float() * 2  # an easy two-class problem
+    loader = DataLoader(TensorDataset(images, labels), batch_size=8, shuffle=True)
+    model = finetune(backbone, loader, 2, torch.device("cpu"), epochs=3, base_lr=0.5, seed=0)
+    assert classifier_top1(model, DataLoader(TensorDataset(images, labels), batch_size=16), torch.device("cpu")) > 80
+    assert all(torch.equal(before[name], tensor) for name, tensor in backbone.state_dict().items())
+    shifted = augment(images[:4], torch.Generator().manual_seed(0))
+    assert shifted.shape == images[:4].shape
