@@ -19,6 +19,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -98,19 +99,26 @@ def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(features.shape[0] / batch_size)
     total = epochs * steps_per_epoch
-    loss_fn = nn.CrossEntropyLoss()
-    step = 0
-    for _ in range(epochs):
-        order = torch.randperm(features.shape[0], generator=generator)
-        for start in range(0, features.shape[0], batch_size):
-            index = order[start:start + batch_size]
-            for group in optimizer.param_groups:
-                group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / total))
-            loss = loss_fn(probe(features[index]), labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
+    standardised = (features - probe.mean) / probe.std  # once, not per step: the epochs are many and cheap
+    # The steps are tiny matmuls: extra threads only add synchronisation (on 2 cores, 100 epochs of 10,000 x 128
+    # features took 13x longer with 2 threads than with 1).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        step = 0
+        for _ in range(epochs):
+            order = torch.randperm(features.shape[0], generator=generator)
+            for start in range(0, features.shape[0], batch_size):
+                index = order[start:start + batch_size]
+                for group in optimizer.param_groups:
+                    group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / total))
+                loss = F.cross_entropy(probe.linear(standardised[index]), labels[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+    finally:
+        torch.set_num_threads(threads)
     return probe.eval()
 
 
