@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mokd.config import load_config
 from mokd.eval.export import stock_timm_model
-from mokd.eval.run_knn import load_run
+from mokd.eval.run_evaluation import load_run
 from mokd.launch.cli import main
 
 TINY_RUN = [

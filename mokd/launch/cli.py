@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_command(preset: str, overrides: list[str], show_progress: bool) -> int:
     from mokd.engine.trainer import Trainer
-    from mokd.eval.run_knn import analyse_run, evaluate_run, extract_run_features, format_analysis, format_table
+    from mokd.eval.run_evaluation import analyse_run, evaluate_run, extract_run_features, format_analysis, format_table
 
     config = load_config(preset, overrides)
     trainer = Trainer(config, show_progress=show_progress)
@@ -124,22 +124,23 @@ def train_command(preset: str, overrides: list[str], show_progress: bool) -> int
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from mokd.eval import run_knn
+    from mokd.eval import run_evaluation
 
     if args.protocol == "knn":
-        print(run_knn.format_table(run_knn.evaluate_knn_command(args.run, args.overrides)))
+        print(run_evaluation.format_table(run_evaluation.evaluate_knn_command(args.run, args.overrides)))
     elif args.protocol == "linear":
-        print(run_knn.format_table(run_knn.evaluate_linear_command(args.run, args.overrides)))
+        print(run_evaluation.format_table(run_evaluation.evaluate_linear_command(args.run, args.overrides)))
     elif args.protocol == "finetune":
-        print(run_knn.format_table(run_knn.evaluate_finetune_command(args.run, args.fraction, args.overrides)))
+        results = run_evaluation.evaluate_finetune_command(args.run, args.fraction, args.overrides)
+        print(run_evaluation.format_table(results))
     else:
-        print(run_knn.format_analysis(run_knn.analyse_command(args.run, args.reference_run, args.overrides)))
+        print(run_evaluation.format_analysis(run_evaluation.analyse_command(args.run, args.reference_run, args.overrides)))
     return 0
 
 
 def export_command(run_dir: Path, model: int, fmt: str, out: Path) -> int:
     from mokd.eval.export import export_backbone
-    from mokd.eval.run_knn import load_run
+    from mokd.eval.run_evaluation import load_run
 
     config, teachers, step = load_run(run_dir)
     model_config = (config.model1, config.model2)[model - 1]

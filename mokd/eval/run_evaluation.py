@@ -1,4 +1,5 @@
-"""Evaluation of a run's two teacher backbones: loading a run, extracting features once, k-NN and linear probe.
+"""Evaluation of a run's two teacher backbones: loading a run, extracting features once, k-NN, linear probe,
+fine-tuning and analyses.
 
 Features of the training split (capped at eval.max_train_samples) and of the test split are extracted once per
 model; the k-NN, the linear probe and the analyses all reuse them.
@@ -291,7 +292,7 @@ def format_table(results: dict) -> str:
         lines.append(f"k-NN top-1 on the {results['dataset']} test set (k={results['knn']['k']}, "
                      f"T={results['knn']['temperature']}), teacher backbones after {results['steps']} steps")
     if extra:
-        lines.append(f"then: {', '.join(extra)} (top-1, percent)")
+        lines.append(f"further columns: {', '.join(key.replace('_top1', '') for key in extra)} top-1 (percent)")
     header = f"{'model':<8} {'backbone':<24} {'untrained':>10} {'k-NN':>10} {'gain':>8}"
     lines.append(header + "".join(f" {key.replace('_top1', ''):>14}" for key in extra))
     for which in ("model1", "model2"):
