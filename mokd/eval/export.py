@@ -18,34 +18,17 @@ import pickle
 import re
 from pathlib import Path
 
-import timm
 import torch
 from torch import nn
 
-from mokd.method.backbones import SMALL_IMAGE_PATCH, is_vit
+from mokd.method.backbones import create_timm_model, is_vit
 
 FORMATS = ("timm", "detectron2")
 
 
 def stock_timm_model(model_config, in_chans: int, image_size: int) -> nn.Module:
     """The timm model an exported state dict loads into with strict=True (see the module docstring)."""
-    kwargs: dict = dict(pretrained=False, num_classes=0, in_chans=in_chans)
-    if is_vit(model_config.backbone):
-        kwargs.update(img_size=image_size, dynamic_img_size=True)
-        if model_config.small_image:
-            kwargs["patch_size"] = SMALL_IMAGE_PATCH
-        for key, timm_key in (("width", "embed_dim"), ("depth", "depth"), ("num_heads", "num_heads")):
-            if getattr(model_config, key) is not None:
-                kwargs[timm_key] = getattr(model_config, key)
-        return timm.create_model(model_config.backbone, **kwargs)
-    if model_config.width is not None:
-        width = model_config.width
-        kwargs.update(stem_width=width, channels=(width, 2 * width, 4 * width, 8 * width))
-    model = timm.create_model(model_config.backbone, **kwargs)
-    if model_config.small_image:
-        model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-        model.maxpool = nn.Identity()
-    return model
+    return create_timm_model(model_config, in_chans, image_size)
 
 
 def timm_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:

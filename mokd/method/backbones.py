@@ -52,6 +52,28 @@ def patch_size(model_config) -> int:
     return 8 if model_config.small_image else 32
 
 
+def create_timm_model(model_config, in_chans: int, image_size: int, drop_path: float = 0.0) -> nn.Module:
+    """The timm model of a model config, headless (num_classes=0); an exported backbone loads into it strictly."""
+    kwargs: dict = dict(pretrained=False, num_classes=0, in_chans=in_chans, drop_path_rate=drop_path)
+    if is_vit(model_config.backbone):
+        kwargs.update(img_size=image_size, dynamic_img_size=True)
+        if model_config.small_image:
+            kwargs["patch_size"] = SMALL_IMAGE_PATCH
+        for key, timm_key in (("width", "embed_dim"), ("depth", "depth"), ("num_heads", "num_heads")):
+            if getattr(model_config, key) is not None:
+                kwargs[timm_key] = getattr(model_config, key)
+        return timm.create_model(model_config.backbone, **kwargs)
+    if model_config.width is not None:
+        width = model_config.width
+        kwargs.update(stem_width=width, channels=(width, 2 * width, 4 * width, 8 * width))
+    model = timm.create_model(model_config.backbone, **kwargs)
+    if model_config.small_image:
+        # CIFAR-style stem: a 3x3 stride-1 convolution and no max-pool, so 28-32 px images keep a 4x4 map.
+        model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    return model
+
+
 class Backbone(nn.Module):
     """A timm ResNet or ViT returning (pooled, tokens, grid) for a batch of same-size crops."""
 
@@ -59,23 +81,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.is_vit = is_vit(model_config.backbone)
         self.in_chans = in_chans
-        kwargs: dict = dict(pretrained=False, num_classes=0, in_chans=in_chans, drop_path_rate=drop_path)
-        if self.is_vit:
-            kwargs.update(img_size=image_size, dynamic_img_size=True)
-            if model_config.small_image:
-                kwargs["patch_size"] = SMALL_IMAGE_PATCH
-            for key, timm_key in (("width", "embed_dim"), ("depth", "depth"), ("num_heads", "num_heads")):
-                if getattr(model_config, key) is not None:
-                    kwargs[timm_key] = getattr(model_config, key)
-        elif model_config.width is not None:
-            width = model_config.width
-            kwargs.update(stem_width=width, channels=(width, 2 * width, 4 * width, 8 * width))
-        self.net = timm.create_model(model_config.backbone, **kwargs)
-        if not self.is_vit and model_config.small_image:
-            # CIFAR-style stem: a 3x3 stride-1 convolution and no max-pool, so 28-32 px images keep a 4x4 map.
-            stem_out = self.net.conv1.out_channels
-            self.net.conv1 = nn.Conv2d(in_chans, stem_out, kernel_size=3, stride=1, padding=1, bias=False)
-            self.net.maxpool = nn.Identity()
+        self.net = create_timm_model(model_config, in_chans, image_size, drop_path)
         self.num_features: int = self.net.num_features
 
     def forward(self, images: torch.Tensor) -> BackboneOutput:
