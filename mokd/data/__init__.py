@@ -8,7 +8,7 @@ from mokd.data.loader import (
     build_train_loader,
     collate_crops,
 )
-from mokd.data.sources import SOURCES, ImageFolderDataset, SyntheticDataset, build_dataset, limit_size, num_classes
+from mokd.data.sources import SOURCES, ImageFolderDataset, SyntheticDataset, build_dataset, dataset_for, limit_size, num_classes
 from mokd.data.transforms import EvalTransform, MultiCropTransform, dataset_statistics
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "build_eval_loader",
     "build_train_loader",
     "collate_crops",
+    "dataset_for",
     "limit_size",
     "dataset_statistics",
     "num_classes",

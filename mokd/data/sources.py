@@ -168,3 +168,11 @@ def limit_size(dataset: Dataset, size: int, seed: int) -> Dataset:
     if size <= 0 or size >= len(dataset):
         return dataset
     return SampledSubset(dataset, size, seed)
+
+
+def dataset_for(data_config, split: str, seed: int) -> Dataset:
+    """`build_dataset` with the arguments of a run's `data` config section (its source, root and synthetic_*)."""
+    return build_dataset(data_config.source, split, data_config.root, synthetic_size=data_config.synthetic_size,
+                         synthetic_image_size=data_config.synthetic_image_size,
+                         synthetic_classes=data_config.synthetic_classes,
+                         synthetic_channels=data_config.synthetic_channels, seed=seed)

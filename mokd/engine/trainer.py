@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 
 from mokd.config import MOKDConfig, save_config, to_yaml
-from mokd.data import MultiCropTransform, build_dataset, build_train_loader, dataset_statistics, limit_size
+from mokd.data import MultiCropTransform, build_train_loader, dataset_for, dataset_statistics, limit_size
 from mokd.engine.checkpoint import CheckpointError, CheckpointManager
 from mokd.engine.metrics import MetricsLogger
 from mokd.engine.optim import build_optimizer, clip_gradients_, drop_last_layer_gradients_, set_schedule
@@ -28,10 +28,7 @@ from mokd.method.schedules import ModelSchedules
 def build_train_data(config: MOKDConfig, rank: int = 0, world_size: int = 1):
     """The training dataset, its multi-crop transform, loader and resumable sampler."""
     data = config.data
-    dataset = build_dataset(data.source, "train", data.root, synthetic_size=data.synthetic_size,
-                            synthetic_image_size=data.synthetic_image_size, synthetic_classes=data.synthetic_classes,
-                            synthetic_channels=data.synthetic_channels, seed=config.train.seed)
-    dataset = limit_size(dataset, data.train_samples, config.train.seed)
+    dataset = limit_size(dataset_for(data, "train", config.train.seed), data.train_samples, config.train.seed)
     mean, std = dataset_statistics(data.source, dataset.channels)
     transform = MultiCropTransform(data.global_crop_size, data.local_crop_size, data.n_local_crops,
                                    tuple(data.global_crop_scale), tuple(data.local_crop_scale), mean, std,

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from mokd.config import MOKDConfig, load_config
-from mokd.data import EvalTransform, build_dataset, build_eval_loader, dataset_statistics, limit_size, num_classes
+from mokd.data import EvalTransform, build_eval_loader, dataset_for, dataset_statistics, limit_size, num_classes
 from mokd.engine.checkpoint import CheckpointManager
 from mokd.engine.runtime import resolve_device
 from mokd.eval.analysis import attention_distance, prediction_consistency, tsne_embedding
@@ -32,17 +32,9 @@ from mokd.method.pair import build_pair
 RESULTS_FILE = "results.json"
 
 
-def eval_datasets(config: MOKDConfig):
-    """(memory bank, test set) with the evaluation transform; the test split is the dataset's held-out one."""
-    data = config.data
-    splits = []
-    for split in ("train", "test"):
-        dataset = build_dataset(data.source, split, data.root, synthetic_size=data.synthetic_size,
-                                synthetic_image_size=data.synthetic_image_size,
-                                synthetic_classes=data.synthetic_classes, synthetic_channels=data.synthetic_channels,
-                                seed=config.train.seed)
-        splits.append(dataset)
-    return splits
+def eval_dataset(config: MOKDConfig, split: str):
+    """The "train" split (the memory bank / probe training set) or the held-out "test" split of a run's data."""
+    return dataset_for(config.data, split, config.train.seed)
 
 
 class ModelFeatures(NamedTuple):
@@ -52,7 +44,7 @@ class ModelFeatures(NamedTuple):
 
 def eval_loaders(config: MOKDConfig) -> tuple[DataLoader, DataLoader, int]:
     """(memory-bank loader, test loader, number of classes) with the deterministic evaluation transform."""
-    train_set, test_set = eval_datasets(config)
+    train_set, test_set = eval_dataset(config, "train"), eval_dataset(config, "test")
     mean, std = dataset_statistics(config.data.source, train_set.channels)
     image_size = min(config.eval.image_size, config.data.global_crop_size)
     transform = EvalTransform(image_size, mean, std, train_set.channels)
@@ -127,7 +119,7 @@ def evaluate_run(config: MOKDConfig, teachers: Sequence[Network], device: torch.
     classes = None
     if features is None:
         features, classes = extract_run_features(config, teachers, device)
-    classes = classes or num_classes(eval_datasets(config)[0])
+    classes = classes or num_classes(eval_dataset(config, "train"))
     untrained: list[Optional[float]] = [None, None]
     if config.eval.knn_untrained:
         untrained = knn_scores(config, untrained_networks(config, teachers[0].backbone.in_chans, device), device)
@@ -167,7 +159,7 @@ def evaluate_finetune(config: MOKDConfig, teachers: Sequence[Network], device: t
                       fraction: float) -> dict:
     """Both teacher backbones fine-tuned on the class-balanced `fraction` of the training labels (seeded by
     eval.subset_seed), scored on the test split, merged into RUN/results.json as model*/finetune_<pct>_top1."""
-    train_set, _ = eval_datasets(config)
+    train_set = eval_dataset(config, "train")
     _, test_loader, classes = eval_loaders(config)
     subset = label_subset(train_set, fraction, config.eval.subset_seed)
     # The evaluation loader's dataset applies the deterministic transform; fine-tuning needs it shuffled.
@@ -246,7 +238,7 @@ def analyse_run(config: MOKDConfig, teachers: Sequence[Network], device: torch.d
     chosen = torch.randperm(test_labels.shape[0], generator=generator)[:config.eval.analysis_points]
     embeddings = [tsne_embedding(model_features.test.pooled[chosen], config.train.seed)
                   for model_features in features]
-    train_set, _ = eval_datasets(config)
+    train_set = eval_dataset(config, "train")
     class_names = list(getattr(train_set, "classes", None) or [str(k) for k in range(classes)])
 
     out = run_dir / "analysis"
@@ -319,7 +311,7 @@ def load_run(run_dir: Path, overrides: Optional[list[str]] = None) -> tuple[MOKD
     if latest is None:
         raise FileNotFoundError(f"no complete checkpoint under {Path(run_dir) / 'checkpoints'}")
     state = CheckpointManager.load(latest)
-    train_set, _ = eval_datasets(config)
+    train_set = eval_dataset(config, "train")
     _, teachers = build_pair(config, train_set.channels)
     for teacher, teacher_state in zip(teachers, state["teachers"]):
         teacher.load_state_dict(teacher_state)

@@ -34,6 +34,12 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, example_override: str) -> None:
+    """--run DIR and key=value overrides, shared by the commands that read a finished run."""
+    parser.add_argument("--run", required=True, type=Path, help="run directory (holds config.yaml, checkpoints/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"overrides, e.g. {example_override}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mokd", formatter_class=_formatter,
@@ -57,8 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "knn", formatter_class=_formatter, help="weighted k-NN (cosine, k=20, T=0.07) of both teachers",
         description="k-NN top-1 of both teacher backbones of the newest complete checkpoint of a run, next to "
                     "the same networks untrained; written to RUN/results.json.")
-    knn.add_argument("--run", required=True, type=Path, help="run directory (holds config.yaml, checkpoints/)")
-    knn.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. eval.knn_k=10")
+    add_run_arguments(knn, "eval.knn_k=10")
 
     linear = protocols.add_parser(
         "linear", formatter_class=_formatter, help="linear probe on both frozen teacher backbones",
@@ -66,27 +71,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "the last eval.linear_n_last_blocks blocks, optionally with the average patch token). "
                     "Features are extracted once without augmentation and the epochs run over the cached "
                     "features. Top-1 merged into RUN/results.json.")
-    linear.add_argument("--run", required=True, type=Path, help="run directory")
-    linear.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. eval.linear_epochs=50")
+    add_run_arguments(linear, "eval.linear_epochs=50")
 
     tune = protocols.add_parser(
         "finetune", formatter_class=_formatter, help="fine-tune both backbones on a label subset",
         description="Fine-tune each teacher backbone with a linear head on a class-balanced subset of the "
                     "training labels (seeded by eval.subset_seed: the same subset every time), score on the "
                     "test split; merged into RUN/results.json.")
-    tune.add_argument("--run", required=True, type=Path, help="run directory")
+    add_run_arguments(tune, "eval.finetune_epochs=10")
     tune.add_argument("--fraction", required=True, type=float, help="label fraction, e.g. 0.01 or 0.1")
-    tune.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. eval.finetune_epochs=10")
 
     analyse = protocols.add_parser(
         "analyse", formatter_class=_formatter, help="prediction consistency, attention distance, t-SNE plots",
         description="The paper's analyses of both teachers: prediction consistency of their k-NN predictions "
                     "(and against --reference-run), mean attention distance per layer, t-SNE of the features. "
                     "PNGs in RUN/analysis/, images in RUN/tensorboard, numbers in RUN/results.json.")
-    analyse.add_argument("--run", required=True, type=Path, help="run directory")
+    add_run_arguments(analyse, "eval.analysis_points=500")
     analyse.add_argument("--reference-run", type=Path, default=None,
                          help="another run on the same data (e.g. independently trained models of similar accuracy)")
-    analyse.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. eval.analysis_points=500")
 
     export = commands.add_parser(
         "export", formatter_class=_formatter, help="write a teacher backbone as a timm or detectron2 checkpoint",
