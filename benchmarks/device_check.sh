@@ -1,17 +1,43 @@
 #!/usr/bin/env bash
-# The one prepared GPU call (DESIGN §6): every Triton kernel is checked against its reference on the GPU
-# (benchmarks/kernels.py refuses to time an implementation whose loss or gradient disagrees), then timed.
+# The one prepared GPU call (DESIGN §6). In order, each step logged to $OUT and none stopping the others:
+#   1. the GPU, driver, torch and Triton versions;
+#   2. the Triton kernels compiled for the GPU against the float64 literal loss and torch.lerp (the interpreter
+#      checks of tests/test_kernels_triton_interpret.py, run on cuda tensors: odd K, B = 1, 2+10 crops, both
+#      pairings, fp32/bf16/fp16, strided layouts, mixed-dtype EMA groups);
+#   3. the kernel microbenchmarks at K = 65536, 2+10 crops, B 64/128/256, in bf16 (with the EMA) and in fp32
+#      (benchmarks/kernels.py refuses to time an implementation whose loss or gradient disagrees with the reference).
 # Usage on the device machine:  bash benchmarks/device_check.sh   (results under $OUT, default benchmarks/results)
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Pure-Python packages the device image lacks travel as wheels in .whl/ (see the device tool's README).
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 benchmarks/kernels.py --device cuda --batch 64 128 256 --dim 65536 --local-crops 10 \
-  --json "$OUT/kernels_cuda.json" 2>&1 | tee "$OUT/kernels_cuda.log"
+failed=()
+step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, remember a failure and go on
+  local name=$1; shift
+  echo "=== $name: $*"
+  "$@" 2>&1 | tee "$OUT/$name.log" || failed+=("$name")
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+  date -u +%Y-%m-%dT%H:%M:%SZ; } 2>&1 | tee "$OUT/gpu.txt"
+
+checks() {
+  for group in dino_fp32 dino_bf16 dino_fp16 dino_layouts ema; do
+    python3 tests/test_kernels_triton_interpret.py "$group" cuda || return 1
+  done
+}
+step kernel_checks checks
+step kernels_cuda_bf16 python3 benchmarks/kernels.py --device cuda --dtype bf16 --batch 64 128 256 --dim 65536 \
+  --local-crops 10 --json "$OUT/kernels_cuda_bf16.json"
+step kernels_cuda_fp32 python3 benchmarks/kernels.py --device cuda --dtype fp32 --batch 64 128 256 --dim 65536 \
+  --local-crops 10 --ops dino_ce --json "$OUT/kernels_cuda_fp32.json"
+
+if ((${#failed[@]})); then echo "FAILED: ${failed[*]}"; exit 1; fi
+echo "device_check: all steps passed"

@@ -58,19 +58,20 @@ def case_seed(*parts) -> int:
     return zlib.crc32(repr(parts).encode())
 
 
-def make_inputs(case, dtype, seed):
-    """Random logits of realistic spread (never zeros), quantised to ``dtype``; the centre stays fp32."""
+def make_inputs(case, dtype, seed, device="cpu"):
+    """Random logits of realistic spread (never zeros), quantised to ``dtype``; the centre stays fp32. Drawn on
+    the CPU (the same values on any device), then moved to ``device``."""
     n_s, n_t, batch, k, _, with_centre = case
     gen = torch.Generator().manual_seed(seed)
     student = (torch.randn(n_s * batch, k, generator=gen) * 3.0).to(dtype)
     teacher = (torch.randn(n_t * batch, k, generator=gen) * 2.0 + 0.5).to(dtype)
     centre = torch.randn(k, generator=gen) * 0.5 if with_centre else None
-    return student, teacher, centre
+    return student.to(device), teacher.to(device), None if centre is None else centre.to(device)
 
 
-def check_against_literal(case, dtype, impl, seed):
+def check_against_literal(case, dtype, impl, seed, device="cpu"):
     n_s, n_t, batch, k, pairing, _ = case
-    student, teacher, centre = make_inputs(case, dtype, seed)
+    student, teacher, centre = make_inputs(case, dtype, seed, device)
     student.requires_grad_(True)
     out = dino_cross_entropy(student, teacher, centre, TAU_S, TAU_T, batch, pairing=pairing, impl=impl)
     out.loss.backward()

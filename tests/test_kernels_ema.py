@@ -9,25 +9,26 @@ from mokd.kernels import ema_
 SHAPES = [(64, 3, 7, 7), (64,), (1000, 256), (5,), (4097,)]
 
 
-def make_pairs(dtypes, seed):
+def make_pairs(dtypes, seed, device="cpu"):
     """(targets, sources) with realistic parameter shapes for every dtype, plus two views into one flat buffer
-    (how DeepSpeed hands out partitions: contiguous, non-zero storage offsets)."""
+    (how DeepSpeed hands out partitions: contiguous, non-zero storage offsets). Drawn on the CPU, then moved."""
     gen = torch.Generator().manual_seed(seed)
     targets, sources = [], []
     for dtype in dtypes:
         for shape in SHAPES:
-            targets.append(torch.randn(shape, generator=gen).to(dtype))
-            sources.append(torch.randn(shape, generator=gen).to(dtype))
-        flat_t, flat_s = torch.randn(3000, generator=gen).to(dtype), torch.randn(3000, generator=gen).to(dtype)
+            targets.append(torch.randn(shape, generator=gen).to(device, dtype))
+            sources.append(torch.randn(shape, generator=gen).to(device, dtype))
+        flat_t = torch.randn(3000, generator=gen).to(device, dtype)
+        flat_s = torch.randn(3000, generator=gen).to(device, dtype)
         targets += [flat_t[:1234], flat_t[1234:]]
         sources += [flat_s[1000:2234], flat_s[:1766]]
     return targets, sources
 
 
-def check_ema(momentum, dtypes, seed, exact):
+def check_ema(momentum, dtypes, seed, exact, device="cpu"):
     """ema_ equals torch.lerp(target, source, 1 - m) pair by pair; ``exact`` for the torch path, else within one
     unit in the last place of the dtype (the Triton interpreter rounds its bf16/fp16 stores differently)."""
-    targets, sources = make_pairs(dtypes, seed)
+    targets, sources = make_pairs(dtypes, seed, device)
     weight = 1.0 - momentum
     expected = [torch.lerp(t, s, weight) for t, s in zip(targets, sources)]
     sources_before = [s.clone() for s in sources]

@@ -1,4 +1,5 @@
-"""The Triton kernels on CPU through the Triton interpreter.
+"""The Triton kernels on CPU through the Triton interpreter (and, compiled, on a GPU: run this file as
+``python tests/test_kernels_triton_interpret.py GROUP cuda``, as benchmarks/device_check.sh does).
 
 TRITON_INTERPRET=1 must be set before Triton kernels are first imported, and other tests in the same pytest
 process import mokd.kernels without it, so every group of checks runs this file as a script in a subprocess
@@ -35,16 +36,16 @@ def test_triton_interpreted(group):
     assert proc.returncode == 0, f"{group} failed under the Triton interpreter:\n{proc.stdout}\n{proc.stderr}"
 
 
-def _check_dino(dtype_name):
+def _check_dino(dtype_name, device):
     import torch
     from test_kernels_dino_ce import case_seed, check_against_literal
 
     dtype = getattr(torch, dtype_name)
     for case in TRITON_CASES:
-        check_against_literal(case, dtype, "triton", seed=case_seed(case, dtype, "triton"))
+        check_against_literal(case, dtype, "triton", seed=case_seed(case, dtype, "triton"), device=device)
 
 
-def _check_dino_layouts():
+def _check_dino_layouts(device):
     """Row-strided views (slices of wider logits), column-strided (transposed) logits, a teacher that requires
     grad, programs looping over several images."""
     import torch
@@ -53,10 +54,10 @@ def _check_dino_layouts():
     from mokd.kernels import dino_cross_entropy
 
     gen = torch.Generator().manual_seed(0)
-    wide_student = (torch.randn(4 * 2, 320, generator=gen) * 3.0).requires_grad_(True)
-    wide_teacher = (torch.randn(2 * 2, 330, generator=gen) * 2.0).requires_grad_(True)
+    wide_student = (torch.randn(4 * 2, 320, generator=gen) * 3.0).to(device).requires_grad_(True)
+    wide_teacher = (torch.randn(2 * 2, 330, generator=gen) * 2.0).to(device).requires_grad_(True)
     student, teacher = wide_student[:, :300], wide_teacher[:, 15:315]
-    centre = torch.randn(300, generator=gen)
+    centre = torch.randn(300, generator=gen).to(device)
     out = dino_cross_entropy(student, teacher, centre, TAU_S, TAU_T, 2, impl="triton")
     out.loss.backward()
     loss64, grad64, colsum64, entropy64 = literal_dino64(student, teacher, centre, 2, "dino")
@@ -74,7 +75,8 @@ def _check_dino_layouts():
 
     for target_programs in (1, 4):
         dce._TARGET_PROGRAMS = target_programs
-        check_against_literal((4, 2, 3, 300, "dino", True), torch.float32, "triton", seed=target_programs)
+        check_against_literal((4, 2, 3, 300, "dino", True), torch.float32, "triton", seed=target_programs,
+                              device=device)
 
     transposed = student.detach().t().contiguous().t().requires_grad_(True)
     assert transposed.stride(1) != 1
@@ -84,20 +86,20 @@ def _check_dino_layouts():
     torch.testing.assert_close(transposed.grad, wide_student.grad[:, :300])
 
 
-def _check_ema():
+def _check_ema(device):
     import torch
     from test_kernels_ema import check_ema
 
     from mokd.kernels import ema_
 
     dtypes = [torch.float32, torch.bfloat16, torch.float16]
-    check_ema(0.996, dtypes, seed=1, exact=False)
-    check_ema(0.3, dtypes, seed=2, exact=False)
-    check_ema(torch.tensor(0.9), dtypes, seed=3, exact=False)
+    check_ema(0.996, dtypes, seed=1, exact=False, device=device)
+    check_ema(0.3, dtypes, seed=2, exact=False, device=device)
+    check_ema(torch.tensor(0.9), dtypes, seed=3, exact=False, device=device)
     # A non-contiguous pair in a group with contiguous ones takes the foreach path, the others the kernel.
     gen = torch.Generator().manual_seed(4)
-    targets = [torch.randn(6, 9, generator=gen).t(), torch.randn(5000, generator=gen)]
-    sources = [torch.randn(9, 6, generator=gen), torch.randn(5000, generator=gen)]
+    targets = [torch.randn(6, 9, generator=gen).to(device).t(), torch.randn(5000, generator=gen).to(device)]
+    sources = [torch.randn(9, 6, generator=gen).to(device), torch.randn(5000, generator=gen).to(device)]
     expected = [torch.lerp(t, s, 0.004) for t, s in zip(targets, sources)]
     ema_(targets, sources, 0.996)
     for t, e in zip(targets, expected):
@@ -105,13 +107,15 @@ def _check_ema():
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        sys.exit("run through pytest, or with TRITON_INTERPRET=1 set")
+    device = sys.argv[2] if len(sys.argv) > 2 else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("run through pytest, or with TRITON_INTERPRET=1 set, or name a GPU device: GROUP cuda")
     checks = {
-        "dino_fp32": lambda: _check_dino("float32"),
-        "dino_bf16": lambda: _check_dino("bfloat16"),
-        "dino_fp16": lambda: _check_dino("float16"),
-        "dino_layouts": _check_dino_layouts,
-        "ema": _check_ema,
+        "dino_fp32": lambda: _check_dino("float32", device),
+        "dino_bf16": lambda: _check_dino("bfloat16", device),
+        "dino_fp16": lambda: _check_dino("float16", device),
+        "dino_layouts": lambda: _check_dino_layouts(device),
+        "ema": lambda: _check_ema(device),
     }
     checks[sys.argv[1]]()
+    print(f"{sys.argv[1]} on {device}: passed")
