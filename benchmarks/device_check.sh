@@ -6,7 +6,8 @@
 #      pairings, fp32/bf16/fp16, strided layouts, mixed-dtype EMA groups);
 #   3. the kernel microbenchmarks at K = 65536, 2+10 crops, B 64/128/256, in bf16 (with the EMA) and in fp32
 #      (benchmarks/kernels.py refuses to time an implementation whose loss or gradient disagrees with the reference).
-# Usage on the device machine:  bash benchmarks/device_check.sh   (results under $OUT, default benchmarks/results)
+# Usage on the device machine:  bash benchmarks/device_check.sh [all|kernels]   (results under $OUT, default
+# benchmarks/results; a section name runs that section alone)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -28,16 +29,19 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, remember a failure 
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
   date -u +%Y-%m-%dT%H:%M:%SZ; } 2>&1 | tee "$OUT/gpu.txt"
 
+section=${1:-all}
 checks() {
   for group in dino_fp32 dino_bf16 dino_fp16 dino_layouts ema; do
     python3 tests/test_kernels_triton_interpret.py "$group" cuda || return 1
   done
 }
-step kernel_checks checks
-step kernels_cuda_bf16 python3 benchmarks/kernels.py --device cuda --dtype bf16 --batch 64 128 256 --dim 65536 \
-  --local-crops 10 --json "$OUT/kernels_cuda_bf16.json"
-step kernels_cuda_fp32 python3 benchmarks/kernels.py --device cuda --dtype fp32 --batch 64 128 256 --dim 65536 \
-  --local-crops 10 --ops dino_ce --json "$OUT/kernels_cuda_fp32.json"
+if [[ $section == all || $section == kernels ]]; then
+  step kernel_checks checks
+  step kernels_cuda_bf16 python3 benchmarks/kernels.py --device cuda --dtype bf16 --batch 64 128 256 --dim 65536 \
+    --local-crops 10 --json "$OUT/kernels_cuda_bf16.json"
+  step kernels_cuda_fp32 python3 benchmarks/kernels.py --device cuda --dtype fp32 --batch 64 128 256 --dim 65536 \
+    --local-crops 10 --ops dino_ce --json "$OUT/kernels_cuda_fp32.json"
+fi
 
 if ((${#failed[@]})); then echo "FAILED: ${failed[*]}"; exit 1; fi
 echo "device_check: all steps passed"

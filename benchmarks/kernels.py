@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from mokd.kernels import dino_cross_entropy, ema_  # noqa: E402
+from mokd.kernels import EmaPlan, dino_cross_entropy  # noqa: E402
 
 TAU_S, TAU_T, MOMENTUM = 0.1, 0.04, 0.996
 # What each op's speed-up is measured against: the literal DINO loss, and DINO's per-tensor EMA loop.
@@ -231,10 +231,12 @@ def bench_ema(args, device, copy_bw):
         torch._foreach_mul_(teacher, MOMENTUM)
         torch._foreach_add_(teacher, student, alpha=1 - MOMENTUM)
 
+    # mokd's EMA as the trainer runs it: the plan (grouping, device pointer tables) is built once, then each
+    # step is one update: the Triton kernel on CUDA, torch._foreach_lerp_ on CPU.
+    plan = EmaPlan(teacher, student)
     impls = {"dino_loop": dino_loop, "foreach_mul_add": foreach_mul_add,
              "foreach_lerp": lambda: torch._foreach_lerp_(teacher, student, 1 - MOMENTUM),
-             # mokd's entry point: the Triton kernel on CUDA, torch._foreach_lerp_ plus grouping on CPU
-             "triton" if device.type == "cuda" else "ema_": lambda: ema_(teacher, student, MOMENTUM)}
+             "triton" if device.type == "cuda" else "ema_plan": lambda: plan.update(MOMENTUM)}
     times = median_ms(impls, device, args.repeats, args.warmup)
     records = []
     for name, fn in impls.items():

@@ -4,7 +4,7 @@ interpreter in test_kernels_triton_interpret.py with ``make_pairs`` and ``check_
 import pytest
 import torch
 
-from mokd.kernels import ema_
+from mokd.kernels import EmaPlan, ema_
 
 SHAPES = [(64, 3, 7, 7), (64,), (1000, 256), (5,), (4097,)]
 
@@ -93,3 +93,20 @@ def test_sources_requiring_grad_and_empty_tensors():
 def test_mismatches_raise(targets, sources, momentum, message):
     with pytest.raises(ValueError, match=message):
         ema_(targets, sources, momentum)
+
+
+def test_plan_reused_across_steps_equals_repeated_lerp():
+    """An EmaPlan built once and updated every step (as the trainer does) follows lerp step after step, with a
+    different momentum each time, also after the sources change in place."""
+    targets, sources = make_pairs([torch.float32, torch.bfloat16], seed=7)
+    expected = [t.clone() for t in targets]
+    plan = EmaPlan(targets, sources)
+    gen = torch.Generator().manual_seed(8)
+    for momentum in (0.996, 0.9, torch.tensor(0.5)):
+        plan.update(momentum)
+        weight = 1.0 - float(momentum)
+        expected = [torch.lerp(e, s, weight) for e, s in zip(expected, sources)]
+        for t, e in zip(targets, expected):
+            assert torch.equal(t, e)
+        for s in sources:
+            s.add_(torch.randn(s.shape, generator=gen).to(s.dtype))

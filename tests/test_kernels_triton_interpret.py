@@ -14,8 +14,11 @@ import sys
 import pytest
 
 # (S, T, B, K, pairing, with centre): K not a multiple of the block (257, 300), B = 1, 2+0 and 2+10 crops,
-# T > S, a lone teacher view, both pairings.
+# T > S, a lone teacher view, both pairings; K spanning several column blocks (4500 = 2048-column blocks with
+# 2 views, 2500 = 1024-column blocks with 3 views), so the forward's cross-block combine is exercised.
 TRITON_CASES = [
+    (4, 2, 2, 4500, "dino", True),
+    (2, 3, 1, 2500, "dino", False),
     (4, 2, 2, 300, "dino", True),
     (2, 2, 1, 257, "dino", False),
     (12, 2, 1, 300, "dino", True),

@@ -19,7 +19,7 @@ from mokd.engine.metrics import MetricsLogger
 from mokd.engine.optim import build_optimizer, clip_gradients_, drop_last_layer_gradients_, set_schedule
 from mokd.engine.runtime import (autocast, autocast_dtype, peak_memory_bytes, resolve_device, restore_rng_state,
                                  rng_state, set_determinism)
-from mokd.kernels import ema_
+from mokd.kernels import EmaPlan
 from mokd.method.mokd import Centres, MOKDObjective, StepLosses, Temperatures
 from mokd.method.pair import build_pair
 from mokd.method.schedules import ModelSchedules
@@ -73,7 +73,7 @@ class Trainer:
         global_batch = config.train.batch_size  # times the world size once distributed
         self.schedules = [ModelSchedules(model, config.loss, self.total_steps, self.steps_per_epoch, global_batch)
                           for model in model_configs]
-        self.teacher_pairs = [(list(t.parameters()), list(s.parameters())) for t, s in zip(self.teachers, self.students)]
+        self.teacher_emas = [EmaPlan(list(t.parameters()), list(s.parameters())) for t, s in zip(self.teachers, self.students)]
 
         self.step = 0
         if latest is not None:
@@ -108,8 +108,8 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
 
         with torch.no_grad():
-            for (teacher_params, student_params), schedule in zip(self.teacher_pairs, self.schedules):
-                ema_(teacher_params, student_params, float(schedule.teacher_momentum[step]))
+            for teacher_ema, schedule in zip(self.teacher_emas, self.schedules):
+                teacher_ema.update(float(schedule.teacher_momentum[step]))
             self.centres.update(losses.centre_sums, losses.centre_rows, self.config.loss.centre_momentum)
         self.step += 1
         return losses, grad_norms

@@ -178,22 +178,25 @@ def _reference(
 # torch: the log-sum-exp / dot-product identity with an analytic backward
 # ----------------------------------------------------------------------------------------------------------------
 
-# Work proceeds in blocks of about this many elements: the fp32 temporaries (512 KiB) stay in L2 and below the
-# allocator's mmap threshold. Whole-tensor temporaries of S*B*K would be fresh pages on every call, and page
+# On CPU, work proceeds in blocks of about this many elements: the fp32 temporaries (512 KiB) stay in L2 and below
+# the allocator's mmap threshold. Whole-tensor temporaries of S*B*K would be fresh pages on every call, and page
 # faults, not arithmetic, then dominate on CPU (measured 3x slower at B=32, K=65536, 12 crops). Small problems
-# take several whole crops per block, so that the number of ops (the cost there) stays low.
-_CHUNK_ELEMENTS = 1 << 17
+# take several whole crops per block, so that the number of ops (the cost there) stays low. On a GPU the cost is
+# the number of launches (small blocks made this path 100x slower than the reference on an H200), so blocks
+# there are as large as memory comfortably allows.
+_CHUNK_ELEMENTS = {"cpu": 1 << 17, "gpu": 1 << 28}
 
 
-def _chunks(crops: int, batch: int, k: int):
+def _chunks(crops: int, batch: int, k: int, device: torch.device):
     """(crops slice, images slice) blocks of the [crops, batch, k] view, about _CHUNK_ELEMENTS elements each:
     several whole crops, or part of the batch of one crop."""
-    if batch * k <= _CHUNK_ELEMENTS:
-        step = _CHUNK_ELEMENTS // (batch * k)
+    chunk_elements = _CHUNK_ELEMENTS["cpu" if device.type == "cpu" else "gpu"]
+    if batch * k <= chunk_elements:
+        step = chunk_elements // (batch * k)
         for u0 in range(0, crops, step):
             yield slice(u0, min(u0 + step, crops)), slice(0, batch)
     else:
-        step = max(1, _CHUNK_ELEMENTS // k)
+        step = max(1, chunk_elements // k)
         for u in range(crops):
             for b0 in range(0, batch, step):
                 yield slice(u, u + 1), slice(b0, min(b0 + step, batch))
@@ -230,7 +233,7 @@ class _TorchDinoCE(torch.autograd.Function):
         column_sum, p_all = torch.zeros(K, **new), torch.zeros(B, K, **new)
         lse_t, entropy, lse_s = torch.empty(T, B, **new), torch.empty(T, B, **new), torch.empty(S, B, **new)
         cross = torch.zeros((), **new)
-        for views, images in _chunks(T, B, K):
+        for views, images in _chunks(T, B, K, student.device):
             t = teachers[views, images].to(acc)
             column_sum += t.sum(dim=(0, 1))
             log_p, lse_t[views, images] = _teacher_log_probs(t, centre, 1.0 / tau_t)
@@ -241,7 +244,7 @@ class _TorchDinoCE(torch.autograd.Function):
             if same.stop > same.start:
                 n = same.stop - same.start
                 cross -= torch.dot(p[:n].flatten(), students[same, images].to(acc).flatten())
-        for crops, images in _chunks(S, B, K):
+        for crops, images in _chunks(S, B, K, student.device):
             s = students[crops, images].to(acc)
             lse_s[crops, images] = torch.logsumexp(s * (1.0 / tau_s), dim=-1)
             cross += torch.dot(p_all[images].flatten(), s.sum(dim=0).flatten())
@@ -267,7 +270,7 @@ class _TorchDinoCE(torch.autograd.Function):
         log_w = torch.log(weights)
         grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
         grads = grad.view(S, B, K)
-        for crops, images in _chunks(S, B, K):
+        for crops, images in _chunks(S, B, K, student.device):
             bias = (log_w[crops, None] - lse_s[crops, images]).unsqueeze(-1)
             g = torch.add(bias, students[crops, images].to(acc), alpha=1.0 / tau_s).exp_()
             g.sub_(p_all[images])
@@ -457,9 +460,14 @@ def _dino_ce_bwd_kernel(
 
 
 def _block_k(K: int, t_pad: int) -> int:
-    # 256 columns x the padded teacher views stay well inside the registers of one program; small K gets a
-    # smaller block so that little of it is masked.
-    return max(16, min(triton.next_power_of_2(K), 256, 4096 // t_pad))
+    # Wide blocks: at 2048 columns and 8 warps every thread loads 8 consecutive elements (16-byte bf16 loads),
+    # and a row costs few reductions. (256 columns gave 2 elements per thread and 8 % of the bandwidth floor on
+    # an H200.) The teacher tile [T_PAD, BLOCK_K] in fp32 bounds it; small K gets a smaller block, little masked.
+    return max(16, min(triton.next_power_of_2(K), 4096 // t_pad))
+
+
+def _num_warps(block_k: int) -> int:
+    return 8 if block_k >= 2048 else 4
 
 
 # Forward programs wanted: blocks of K times groups of images. The loop over images inside a program keeps
@@ -493,7 +501,7 @@ class _TritonDinoCE(torch.autograd.Function):
             student, teacher, centre, column_sums,
             t_max, t_sum, t_shift, s_max, s_sum, dots,
             K, B, n_blocks, images_per_program, student.stride(0), teacher.stride(0), 1.0 / tau_s, 1.0 / tau_t,
-            S=S, T=T, T_PAD=t_pad, HAS_CENTRE=centre is not None, BLOCK_K=block_k,
+            S=S, T=T, T_PAD=t_pad, HAS_CENTRE=centre is not None, BLOCK_K=block_k, num_warps=_num_warps(block_k),
         )
         lse_t, lse_s = torch.empty(T * B, **f32), torch.empty(S * B, **f32)
         loss_per_image, entropy_per_image = torch.empty(B, **f32), torch.empty(B, **f32)
@@ -524,6 +532,7 @@ class _TritonDinoCE(torch.autograd.Function):
             1.0 / ctx.tau_s, 1.0 / ctx.tau_t, 1.0 / (ctx.tau_s * layout.n_pairs * layout.batch),
             S=layout.student, T=layout.teacher, T_PAD=triton.next_power_of_2(layout.teacher),
             HAS_CENTRE=centre is not None, EXCLUDE_SAME=layout.exclude_same, BLOCK_K=block_k,
+            num_warps=_num_warps(block_k),
         )
         return grad, None, None, None, None, None
 
