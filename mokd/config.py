@@ -132,6 +132,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class ParallelConfig:
+    strategy: str = option("single", "single | ddp | fsdp (FSDP2 fully_shard) | deepspeed (ZeRO, one engine per "
+                           "student); multi-process strategies run under torchrun, the DeepSpeed launcher or srun")
+    zero_stage: int = option(2, "deepspeed: ZeRO stage 1 (optimiser state), 2 (+ gradients) or 3 (+ parameters)")
+    backend: str = option("auto", "process-group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo")
+    reshard_after_forward: bool = option(True, "fsdp: free the gathered parameters after each block's forward "
+                                         "(less memory, one more all-gather in backward)")
+    async_centre_all_reduce: bool = option(True, "start the all-reduce of the six centres right after the losses "
+                                           "and wait for it only before the centre update (overlaps backward)")
+    timeout_minutes: int = option(30, "collective timeout: a rank stuck longer than this aborts the job")
+
+
+@dataclass
 class EvalConfig:
     knn_k: int = option(20, "k-NN neighbours")
     knn_temperature: float = option(0.07, "k-NN vote temperature (votes weighted by exp(sim / T))")
@@ -169,6 +182,7 @@ class MOKDConfig:
     data: DataConfig = section(DataConfig, "training data and multi-crop")
     train: TrainConfig = section(TrainConfig, "training loop")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpointing and resume")
+    parallel: ParallelConfig = section(ParallelConfig, "distribution over processes: strategy, ZeRO stage")
     eval: EvalConfig = section(EvalConfig, "evaluation")
 
 
@@ -181,6 +195,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("fashion_mnist", "imagefolder", "synthetic"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "parallel.strategy": ("single", "ddp", "fsdp", "deepspeed"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
 }
 
 
@@ -284,6 +300,11 @@ def validate(config: MOKDConfig) -> None:
             scale = getattr(config.data, bound)
             if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
                 raise ConfigError(f"data.{bound} must be [low, high] with 0 < low <= high <= 1, got {scale}")
+    if config.parallel.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3, got {config.parallel.zero_stage}")
+    if config.parallel.strategy == "deepspeed" and config.train.precision == "fp16":
+        raise ConfigError("train.precision=fp16 with parallel.strategy=deepspeed is not supported (one GradScaler "
+                          "per model lives outside DeepSpeed's engines): use bf16 or fp32")
     if config.head.thead_dim % config.head.thead_heads:
         raise ConfigError(f"head.thead_dim={config.head.thead_dim} is not divisible by head.thead_heads")
     if config.loss.cross_search and config.loss.search_pairing == "local_to_global" and config.data.n_local_crops < 1:

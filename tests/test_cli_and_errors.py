@@ -108,10 +108,10 @@ def test_unreadable_checkpoint_is_named_and_an_incomplete_one_ignored(tmp_path):
     # A checkpoint killed mid-write (no completion marker) is ignored: resume takes step 2.
     partial = checkpoints / "step_00000003"
     partial.mkdir()
-    (partial / "state.pt").write_bytes(b"half a file")
+    (partial / "meta.pt").write_bytes(b"half a file")
     assert Trainer(config, show_progress=False).step == 2
 
-    (newest / "state.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match=str(newest / "state.pt")):
+    (newest / "meta.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=str(newest / "meta.pt")):
         Trainer(config, show_progress=False)
     assert (newest / COMPLETE_MARKER).exists()  # nothing was deleted behind the user's back

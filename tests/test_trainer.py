@@ -141,9 +141,10 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path):
     whole_losses, split_losses = read_losses(tmp_path / "whole"), read_losses(tmp_path / "split")
     assert sorted(split_losses) == sorted(whole_losses) == [1, 2, 3, 4, 5, 6]
     assert split_losses == whole_losses
-    for mine, reference in zip(resumed.state_dict()["teachers"], whole.state_dict()["teachers"]):
-        for key in reference:
-            assert torch.equal(mine[key], reference[key]), key
+    for mine, reference in zip(resumed.teachers, whole.teachers):
+        reference_state = reference.state_dict()
+        for key, value in mine.state_dict().items():
+            assert torch.equal(value, reference_state[key]), key
     assert torch.equal(resumed.centres.values, whole.centres.values)
     # keep_last=2: steps 4 (end of epoch 1) and 6 remain.
     kept = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())

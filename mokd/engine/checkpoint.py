@@ -1,7 +1,14 @@
 """Atomic checkpoints: written under a temporary name, renamed, marked complete; the last k are kept.
 
-Layout: RUN/checkpoints/step_00001234/{state.pt, COMPLETE}. A directory without COMPLETE (a run killed
-mid-write) is ignored and later removed; resume takes the newest complete one.
+Layout of RUN/checkpoints/step_00001234/ (written by all ranks into step_00001234.tmp/, then renamed by rank 0):
+    meta.pt          step, data position, centres, world size, strategy, the resolved config (rank 0)
+    rng/rank_N.pt    each rank's RNG states
+    teachers.pt      both teachers' full weights (rank 0): what evaluation and export read
+    dcp/             students, teachers, optimisers, scalers: torch.distributed.checkpoint (single/ddp/fsdp),
+                     reshardable to another world size
+    deepspeed/       or each student engine's own DeepSpeed checkpoint (deepspeed)
+    COMPLETE         written last: a directory without it (a run killed mid-write) is ignored and removed.
+Multi-node runs need RUN on a file system every node sees. Resume takes the newest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -9,12 +16,15 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
+from mokd.engine.distributed import barrier
+
 COMPLETE_MARKER = "COMPLETE"
-STATE_FILE = "state.pt"
+META_FILE = "meta.pt"
+TEACHERS_FILE = "teachers.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -37,20 +47,26 @@ class CheckpointManager:
         complete = self.complete()
         return complete[-1] if complete else None
 
-    def save(self, state: dict[str, Any], step: int) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
+    def save(self, step: int, write: Callable[[Path], None], is_main: bool = True) -> Path:
+        """Collective: every rank calls ``write(staging_directory)``; rank 0 then marks and renames."""
         final = self.directory / f"step_{step:08d}"
         staging = self.directory / f"step_{step:08d}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        torch.save(state, staging / STATE_FILE)
-        (staging / COMPLETE_MARKER).write_text(f"{step}\n")
-        _fsync_directory(staging)
-        if final.exists():  # the same step saved twice (end of epoch and every_steps): replace it
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        _fsync_directory(self.directory)
-        self._prune()
+        if is_main:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+        barrier()
+        write(staging)
+        barrier()
+        if is_main:
+            (staging / COMPLETE_MARKER).write_text(f"{step}\n")
+            _fsync_directory(staging)
+            if final.exists():  # the same step saved twice (end of epoch and every_steps): replace it
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            _fsync_directory(self.directory)
+            self._prune()
+        barrier()
         return final
 
     def _prune(self) -> None:
@@ -60,14 +76,22 @@ class CheckpointManager:
             shutil.rmtree(leftover, ignore_errors=True)
 
     @staticmethod
-    def load(path: Path) -> dict[str, Any]:
-        state_file = Path(path) / STATE_FILE
-        try:
-            return torch.load(state_file, map_location="cpu", weights_only=False)
-        except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear message
-            raise CheckpointError(
-                f"cannot read checkpoint {state_file}: {error}. Remove that directory to resume from the "
-                f"previous checkpoint, or start fresh with checkpoint.resume=false") from error
+    def load_meta(path: Path) -> dict[str, Any]:
+        return _read(Path(path) / META_FILE)
+
+
+def load_teachers_file(path: Path) -> list[dict[str, torch.Tensor]]:
+    """Both teachers' full state dicts from a checkpoint directory."""
+    return _read(Path(path) / TEACHERS_FILE)
+
+
+def _read(file: Path) -> Any:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise CheckpointError(
+            f"cannot read checkpoint file {file}: {error}. Remove {file.parent} to resume from the previous "
+            f"checkpoint, or start fresh with checkpoint.resume=false") from error
 
 
 def _fsync_directory(path: Path) -> None:

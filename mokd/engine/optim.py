@@ -9,13 +9,17 @@ from torch import nn
 
 
 def parameter_groups(model: nn.Module) -> list[dict]:
-    """Two groups: weights (decayed) and biases / norm parameters / 1-d tensors (never decayed)."""
-    decayed, not_decayed = [], []
+    """Weights (decayed) and biases / norm parameters / 1-d tensors (never decayed), each split into the heads'
+    last layers and the rest (the last layers are frozen early on; see set_schedule). Empty groups are left out."""
+    last_layer_ids = {id(p) for layer in getattr(model, "last_layers", lambda: [])() for p in layer.parameters()}
+    groups = {(decay, last): [] for decay in (True, False) for last in (False, True)}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        (not_decayed if parameter.ndim <= 1 or name.endswith(".bias") else decayed).append(parameter)
-    return [{"params": decayed, "apply_weight_decay": True}, {"params": not_decayed, "apply_weight_decay": False}]
+        decay = not (parameter.ndim <= 1 or name.endswith(".bias"))
+        groups[(decay, id(parameter) in last_layer_ids)].append(parameter)
+    return [{"params": params, "apply_weight_decay": decay, "last_layer": last}
+            for (decay, last), params in groups.items() if params]
 
 
 class LARS(torch.optim.Optimizer):
@@ -59,10 +63,14 @@ def build_optimizer(model: nn.Module, optim_config) -> torch.optim.Optimizer:
     raise ValueError(f"optim.name={optim_config.name!r} is not one of sgd, lars, adamw")
 
 
-def set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+def set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float,
+                 freeze_last_layer: bool = False) -> None:
+    """This step's lr and weight decay on every group; with freeze_last_layer, the last-layer groups get
+    neither (used where gradients cannot be dropped per parameter, i.e. under ZeRO)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
-        group["weight_decay"] = weight_decay if group["apply_weight_decay"] else 0.0
+        frozen = freeze_last_layer and group["last_layer"]
+        group["lr"] = 0.0 if frozen else lr
+        group["weight_decay"] = weight_decay if group["apply_weight_decay"] and not frozen else 0.0
 
 
 @torch.no_grad()

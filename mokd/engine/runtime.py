@@ -61,3 +61,11 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def seed_rng_for_rank(seed: int, step: int, rank: int) -> None:
+    """Fresh, reproducible RNG states for a rank that has no saved state (a resume on more processes)."""
+    derived = (seed * 1_000_003 + step * 101 + rank) % 2**31
+    random.seed(derived)
+    np.random.seed(derived)
+    torch.manual_seed(derived)

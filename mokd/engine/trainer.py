@@ -1,7 +1,10 @@
-"""The single-process trainer: the story of a MOKD step, from crops to teachers and centres.
+"""The trainer: the story of a MOKD step, from crops to teachers and centres, on any strategy.
 
-    crops -> teachers (no grad) and students forward -> six DINO terms + search -> L_1 + L_2 backward
-    -> per model: clip, freeze last layers (first epoch), optimiser step -> EMA teachers -> move centres
+    crops -> students and teachers (no grad) forward -> six DINO terms + search -> start the centre all-reduce
+    -> L_1 + L_2 backward -> per model: clip, freeze last layers (first epoch), optimiser step
+    -> shard-local EMA of the teachers -> move the centres with the global batch's statistics
+
+How the students are wrapped, synchronised and checkpointed is the strategy's business (engine/strategies).
 """
 
 from __future__ import annotations
@@ -14,14 +17,16 @@ import torch
 
 from mokd.config import MOKDConfig, save_config, to_yaml
 from mokd.data import MultiCropTransform, build_train_loader, dataset_for, dataset_statistics, limit_size
-from mokd.engine.checkpoint import CheckpointError, CheckpointManager
+from mokd.engine.checkpoint import META_FILE, TEACHERS_FILE, CheckpointError, CheckpointManager
+from mokd.engine.distributed import CentreSync, World, all_reduce_mean, init_world
 from mokd.engine.metrics import MetricsLogger
-from mokd.engine.optim import build_optimizer, clip_gradients_, drop_last_layer_gradients_, set_schedule
+from mokd.engine.optim import build_optimizer
 from mokd.engine.runtime import (autocast, autocast_dtype, peak_memory_bytes, resolve_device, restore_rng_state,
-                                 rng_state, set_determinism)
-from mokd.kernels import EmaPlan
+                                 rng_state, seed_rng_for_rank, set_determinism)
+from mokd.engine.strategies import build_strategy
 from mokd.method.mokd import Centres, MOKDObjective, StepLosses, Temperatures
-from mokd.method.pair import build_pair
+from mokd.method.network import Network
+from mokd.method.pair import build_network, build_pair
 from mokd.method.schedules import ModelSchedules
 
 
@@ -42,18 +47,20 @@ class Trainer:
     def __init__(self, config: MOKDConfig, show_progress: bool = True) -> None:
         self.config = config
         self.run_dir = Path(config.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.world: World = init_world(resolve_device(config.train.device), config.parallel)
+        self.device = self.world.device
         self.checkpoints = CheckpointManager(self.run_dir, config.checkpoint.keep_last)
         latest = self.checkpoints.latest()
         if latest is not None and not config.checkpoint.resume:  # refuse before touching the run's files
             raise CheckpointError(f"{self.run_dir} already holds checkpoints (newest {latest.name}) and "
                                   f"checkpoint.resume=false: choose a new run_dir, or remove {self.checkpoints.directory}")
-        save_config(config, self.run_dir / "config.yaml")
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.run_dir / "config.yaml")
         set_determinism(config.train.seed, config.train.deterministic)
-        self.device = resolve_device(config.train.device)
         self.amp_dtype = autocast_dtype(config.train.precision, self.device)
 
-        self.dataset, self.loader, self.sampler = build_train_data(config)
+        self.dataset, self.loader, self.sampler = build_train_data(config, self.world.rank, self.world.world_size)
         self.steps_per_epoch = len(self.sampler)
         if self.steps_per_epoch == 0:
             raise ValueError(f"train.batch_size={config.train.batch_size} is larger than the {len(self.dataset)} "
@@ -62,23 +69,30 @@ class Trainer:
         self.last_step = min(self.total_steps, config.train.max_steps or self.total_steps)
 
         students, teachers = build_pair(config, self.dataset.channels)
-        self.students = tuple(student.to(self.device) for student in students)
-        self.teachers = tuple(teacher.to(self.device) for teacher in teachers)
         self.centres = Centres(config.head.out_dim).to(self.device)
         model_configs = (config.model1, config.model2)
         self.objective = MOKDObjective(config.loss, tuple(model.cross_weight for model in model_configs))
-        self.optimizers = [build_optimizer(student, model.optim) for student, model in zip(self.students, model_configs)]
-        fp16 = self.amp_dtype == torch.float16
-        self.scalers = [torch.amp.GradScaler(self.device.type, enabled=fp16) for _ in model_configs]
-        global_batch = config.train.batch_size  # times the world size once distributed
+        self.strategy = build_strategy(config, self.world, self.amp_dtype)
+        self.strategy.setup(tuple(s.to(self.device) for s in students), tuple(t.to(self.device) for t in teachers),
+                            lambda network, i: build_optimizer(network, model_configs[i].optim))
+        global_batch = config.train.batch_size * self.world.world_size
         self.schedules = [ModelSchedules(model, config.loss, self.total_steps, self.steps_per_epoch, global_batch)
                           for model in model_configs]
-        self.teacher_emas = [EmaPlan(list(t.parameters()), list(s.parameters())) for t, s in zip(self.teachers, self.students)]
 
         self.step = 0
         if latest is not None:
-            self.load_state(CheckpointManager.load(latest))
-        self.metrics = MetricsLogger(self.run_dir, self.last_step, self.step, show_progress)
+            self.load(latest)
+        self.metrics = (MetricsLogger(self.run_dir, self.last_step, self.step, show_progress)
+                        if self.world.is_main else None)
+
+    @property
+    def students(self) -> tuple:
+        """The student modules (sharded or wrapped as the strategy keeps them)."""
+        return self.strategy.networks
+
+    @property
+    def teachers(self) -> tuple:
+        return self.strategy.teacher_networks
 
     # ---- the step -------------------------------------------------------------------------------
     def temperatures(self, step: int) -> tuple[Temperatures, Temperatures]:
@@ -86,31 +100,23 @@ class Trainer:
                                   float(s.teacher_temperature_cross[step])) for s in self.schedules)
 
     def train_step(self, crops: list[torch.Tensor]) -> tuple[StepLosses, list[torch.Tensor]]:
-        step = self.step
-        for optimizer, schedule in zip(self.optimizers, self.schedules):
-            set_schedule(optimizer, float(schedule.lr[step]), float(schedule.weight_decay[step]))
+        step, strategy = self.step, self.strategy
+        frozen = [step < schedule.freeze_last_layer_steps for schedule in self.schedules]
+        for i, schedule in enumerate(self.schedules):
+            strategy.set_schedule(i, float(schedule.lr[step]), float(schedule.weight_decay[step]), frozen[i])
         crops = [crop.to(self.device, non_blocking=True) for crop in crops]
 
         with autocast(self.device, self.amp_dtype):
-            losses = self.objective(self.students, self.teachers, self.centres, crops, self.temperatures(step))
-        # L_1 depends only on student 1 and L_2 only on student 2: one backward trains both.
-        sum(scaler.scale(total) for scaler, total in zip(self.scalers, losses.totals)).backward()
-
-        grad_norms = []
-        for student, optimizer, scaler, schedule, model in zip(self.students, self.optimizers, self.scalers,
-                                                                self.schedules, (self.config.model1, self.config.model2)):
-            scaler.unscale_(optimizer)
-            grad_norms.append(clip_gradients_(student, model.optim.clip_grad))
-            if step < schedule.freeze_last_layer_steps:
-                drop_last_layer_gradients_(student.last_layers())
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            losses = self.objective(strategy.students, strategy.teachers, self.centres, crops, self.temperatures(step))
+        # One flat all-reduce of the six centres' statistics, overlapping the backward when async.
+        centre_sync = CentreSync(losses.centre_sums, losses.centre_rows, self.config.parallel.async_centre_all_reduce)
+        strategy.backward(losses.totals)
+        grad_norms = [strategy.optimizer_step(i, model.optim.clip_grad, frozen[i])
+                      for i, model in enumerate((self.config.model1, self.config.model2))]
 
         with torch.no_grad():
-            for teacher_ema, schedule in zip(self.teacher_emas, self.schedules):
-                teacher_ema.update(float(schedule.teacher_momentum[step]))
-            self.centres.update(losses.centre_sums, losses.centre_rows, self.config.loss.centre_momentum)
+            strategy.update_teachers([float(schedule.teacher_momentum[step]) for schedule in self.schedules])
+            self.centres.update(*centre_sync.wait(), self.config.loss.centre_momentum)
         self.step += 1
         return losses, grad_norms
 
@@ -125,8 +131,9 @@ class Trainer:
             for crops, _ in self.loader:
                 data_wait += time.perf_counter() - fetch_start
                 losses, grad_norms = self.train_step(crops)
-                window_images += crops[0].shape[0]
-                self.metrics.advance()
+                window_images += crops[0].shape[0] * self.world.world_size
+                if self.metrics is not None:
+                    self.metrics.advance()
                 if self.step % self.config.train.log_every == 0 or self.step == self.last_step:
                     elapsed = time.perf_counter() - window_start
                     self.log(losses, grad_norms, window_images / elapsed, data_wait / elapsed)
@@ -137,7 +144,8 @@ class Trainer:
                     break
                 fetch_start = time.perf_counter()
             epoch += 1
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def should_checkpoint(self) -> bool:
         if not self.config.checkpoint.enabled:
@@ -148,50 +156,75 @@ class Trainer:
 
     def log(self, losses: StepLosses, grad_norms: list[torch.Tensor], images_per_second: float,
             data_wait_share: float) -> None:
+        """Every rank takes part (the losses are averaged over ranks); rank 0 writes."""
         step = self.step - 1  # the values belong to the step just taken
-        scalars: dict[str, float] = {}
-        for name, value in losses.terms.items():
-            scalars[f"loss/{name}"] = value.item()
-        for which, (total, schedule, norm) in enumerate(zip(losses.totals, self.schedules, grad_norms), start=1):
-            scalars[f"loss/model{which}/total"] = total.item()
+        averaged = {f"loss/{name}": value for name, value in losses.terms.items()}
+        for which, total in enumerate(losses.totals, start=1):
+            averaged[f"loss/model{which}/total"] = total
+        averaged.update({f"collapse/teacher_entropy/{name}": v for name, v in losses.teacher_entropy.items()})
+        averaged.update({f"collapse/kl_teacher_student/{name}": v for name, v in losses.kl_teacher_student.items()})
+        scalars = {name: value.item() for name, value in all_reduce_mean(averaged).items()}
+        for which, (schedule, norm) in enumerate(zip(self.schedules, grad_norms), start=1):
             scalars[f"schedule/model{which}/lr"] = float(schedule.lr[step])
             scalars[f"schedule/model{which}/weight_decay"] = float(schedule.weight_decay[step])
             scalars[f"schedule/model{which}/teacher_momentum"] = float(schedule.teacher_momentum[step])
             scalars[f"schedule/model{which}/teacher_temperature_self"] = float(schedule.teacher_temperature_self[step])
             scalars[f"schedule/model{which}/teacher_temperature_cross"] = float(schedule.teacher_temperature_cross[step])
             scalars[f"grad_norm/model{which}"] = float(norm)
-        for name, value in losses.teacher_entropy.items():
-            scalars[f"collapse/teacher_entropy/{name}"] = value.item()
-        for name, value in losses.kl_teacher_student.items():
-            scalars[f"collapse/kl_teacher_student/{name}"] = value.item()
         scalars["perf/images_per_second"] = images_per_second
         scalars["perf/data_wait_share"] = data_wait_share
         scalars["perf/peak_memory_bytes"] = float(peak_memory_bytes(self.device))
-        self.metrics.log(self.step, scalars)
+        if self.metrics is not None:
+            self.metrics.log(self.step, scalars)
 
     # ---- checkpoints ----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "data_position": {"epoch": self.step // self.steps_per_epoch,
-                              "batch_in_epoch": self.step % self.steps_per_epoch},
-            "students": [student.state_dict() for student in self.students],
-            "teachers": [teacher.state_dict() for teacher in self.teachers],
-            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
-            "scalers": [scaler.state_dict() for scaler in self.scalers],
-            "centres": self.centres.state_dict(),
-            "rng": rng_state(),
-            "config": to_yaml(self.config),
-        }
+    def save(self) -> Path:
+        """Collective: students, teachers and optimisers through the strategy, the rest here."""
+        teachers = self.strategy.teacher_state_dicts()  # every rank takes part in gathering them
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        for modules, key in ((self.students, "students"), (self.teachers, "teachers"),
-                             (self.optimizers, "optimizers"), (self.scalers, "scalers")):
-            for module, module_state in zip(modules, state[key]):
-                module.load_state_dict(module_state)
-        self.centres.load_state_dict(state["centres"])
-        restore_rng_state(state["rng"])
-        self.step = state["step"]
+        def write(directory: Path) -> None:
+            self.strategy.save(directory)
+            (directory / "rng").mkdir(exist_ok=True)
+            torch.save(rng_state(), directory / "rng" / f"rank_{self.world.rank}.pt")
+            if self.world.is_main:
+                torch.save(teachers, directory / TEACHERS_FILE)
+                torch.save({
+                    "step": self.step,
+                    "data_position": {"epoch": self.step // self.steps_per_epoch,
+                                      "batch_in_epoch": self.step % self.steps_per_epoch},
+                    "centres": self.centres.values.detach().cpu(),
+                    "world_size": self.world.world_size,
+                    "strategy": self.strategy.name,
+                    "config": to_yaml(self.config),
+                }, directory / META_FILE)
 
-    def save(self) -> Optional[Path]:
-        return self.checkpoints.save(self.state_dict(), self.step)
+        return self.checkpoints.save(self.step, write, self.world.is_main)
+
+    def load(self, directory: Path) -> None:
+        meta = CheckpointManager.load_meta(directory)
+        saved_with = "deepspeed" if meta["strategy"] == "deepspeed" else "dcp"
+        loading_with = "deepspeed" if self.strategy.name == "deepspeed" else "dcp"
+        if saved_with != loading_with:
+            raise CheckpointError(f"{directory} was written by parallel.strategy={meta['strategy']} ({saved_with} "
+                                  f"format) and cannot be resumed with parallel.strategy={self.strategy.name}")
+        self.strategy.load(directory)
+        self.centres.values.copy_(meta["centres"])
+        rng_file = directory / "rng" / f"rank_{self.world.rank}.pt"
+        if rng_file.exists():
+            restore_rng_state(torch.load(rng_file, weights_only=False))
+        else:  # a rank the saving run did not have (resumed on more processes)
+            seed_rng_for_rank(self.config.train.seed, meta["step"], self.world.rank)
+        self.step = meta["step"]
+
+    def teacher_networks(self) -> tuple[Network, Network] | None:
+        """Both teachers as plain, whole networks on this rank's device (rank 0; None elsewhere): what the
+        end-of-training evaluation scores. Collective (sharded teachers are gathered)."""
+        states = self.strategy.teacher_state_dicts()
+        if not self.world.is_main:
+            return None
+        networks = []
+        for which, state in enumerate(states):
+            network = build_network(self.config, which, self.dataset.channels, student=False)
+            network.load_state_dict(state)
+            networks.append(network.to(self.device).eval())
+        return tuple(networks)

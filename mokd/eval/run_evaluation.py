@@ -19,7 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from mokd.config import MOKDConfig, load_config
 from mokd.data import EvalTransform, build_eval_loader, dataset_for, dataset_statistics, limit_size, num_classes
-from mokd.engine.checkpoint import CheckpointManager
+from mokd.engine.checkpoint import CheckpointManager, load_teachers_file
 from mokd.engine.runtime import resolve_device
 from mokd.eval.analysis import attention_distance, prediction_consistency, tsne_embedding
 from mokd.eval.finetune import classifier_top1, finetune, label_subset
@@ -310,12 +310,12 @@ def load_run(run_dir: Path, overrides: Optional[list[str]] = None) -> tuple[MOKD
     latest = CheckpointManager(Path(run_dir), config.checkpoint.keep_last).latest()
     if latest is None:
         raise FileNotFoundError(f"no complete checkpoint under {Path(run_dir) / 'checkpoints'}")
-    state = CheckpointManager.load(latest)
+    meta = CheckpointManager.load_meta(latest)
     train_set = eval_dataset(config, "train")
     _, teachers = build_pair(config, train_set.channels)
-    for teacher, teacher_state in zip(teachers, state["teachers"]):
+    for teacher, teacher_state in zip(teachers, load_teachers_file(latest)):
         teacher.load_state_dict(teacher_state)
-    return config, teachers, state["step"]
+    return config, teachers, meta["step"]
 
 
 def evaluate_knn_command(run_dir: Path, overrides: Optional[list[str]] = None) -> dict:

@@ -111,17 +111,22 @@ def train_command(preset: str, overrides: list[str], show_progress: bool) -> int
 
     config = load_config(preset, overrides)
     trainer = Trainer(config, show_progress=show_progress)
-    print(f"run directory: {trainer.run_dir.resolve()}", flush=True)
+    main = trainer.world.is_main  # under torchrun every rank trains; rank 0 reports and evaluates
+    if main:
+        print(f"run directory: {trainer.run_dir.resolve()} ({config.parallel.strategy}, "
+              f"{trainer.world.world_size} process(es))", flush=True)
     trainer.train()
-    if config.eval.knn_at_end:
+    teachers = trainer.teacher_networks() if config.eval.knn_at_end else None
+    if teachers is not None:
         # One feature pass per model serves the k-NN, the linear probe and the analyses.
-        features, _ = extract_run_features(config, trainer.teachers, trainer.device)
-        results = evaluate_run(config, trainer.teachers, trainer.device, trainer.step, features=features)
+        features, _ = extract_run_features(config, teachers, trainer.device)
+        results = evaluate_run(config, teachers, trainer.device, trainer.step, features=features)
         print(format_table(results))
         if config.eval.analysis_at_end:
-            print(format_analysis(analyse_run(config, trainer.teachers, trainer.device, trainer.step, features)))
+            print(format_analysis(analyse_run(config, teachers, trainer.device, trainer.step, features)))
         print(f"results: {trainer.run_dir.resolve() / 'results.json'}")
-    print(f"run directory: {trainer.run_dir.resolve()} (TensorBoard: tensorboard --logdir {trainer.run_dir})")
+    if main:
+        print(f"run directory: {trainer.run_dir.resolve()} (TensorBoard: tensorboard --logdir {trainer.run_dir})")
     return 0
 
 

@@ -15,13 +15,13 @@ only on student 2: one backward of L_1 + L_2 trains both.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from mokd.kernels import DinoCrossEntropyOutput, dino_cross_entropy, ema_
-from mokd.method.network import Network, NetworkOutput
+from mokd.method.network import SearchRequest, searched_rows
 
 TERMS = ("sm", "st", "cm", "ct")
 CENTRED_TERMS = ("sm", "st", "cm")
@@ -89,31 +89,19 @@ class MOKDObjective:
         return dino_cross_entropy(student, teacher, centre, temperatures.student, teacher_temperature,
                                   batch_size, pairing=pairing, impl=self.config.kernel)
 
-    @torch.no_grad()
-    def search_targets(self, student: Network, student_out: NetworkOutput, teacher: Network,
-                       teacher_out: NetworkOutput, batch_size: int, n_crops: int) -> tuple[torch.Tensor, slice]:
-        """t_hat = g'_j([q_i ; Z'_j(x_t)]) for every student crop that is searched, and those crops' rows.
-
-        local_to_global: each local crop of student i queries teacher j's first global view.
-        global_to_global: student global a queries teacher j's global b != a.
-        """
-        teacher_globals = teacher_out.features[0]  # both global crops share one resolution group
-        tokens = teacher_globals.tokens
-        if self.config.search_pairing == "local_to_global":
-            rows = slice(2 * batch_size, n_crops * batch_size)
-            target_tokens = tokens[:batch_size].repeat(n_crops - 2, 1, 1)
-        else:
-            rows = slice(0, 2 * batch_size)
-            target_tokens = torch.cat([tokens[batch_size:], tokens[:batch_size]])
-        query = student.thead.project_query(student_out.pooled[rows]).detach()
-        return teacher.thead(target_tokens, teacher_globals.grid, query=query), rows
-
-    def __call__(self, students: tuple[Network, Network], teachers: tuple[Network, Network], centres: Centres,
+    def __call__(self, students: tuple[Callable, Callable], teachers: tuple[Callable, Callable], centres: Centres,
                  crops: list[torch.Tensor], temperatures: tuple[Temperatures, Temperatures]) -> StepLosses:
         batch_size, n_crops = crops[0].shape[0], len(crops)
-        with torch.no_grad():
-            teacher_outs = [teacher(crops[:2]) for teacher in teachers]
         student_outs = [student(crops) for student in students]
+        # Teacher j sees the globals, and searches with student i's queries when L_ct,i runs (i = 1 - j).
+        rows = searched_rows(self.config.search_pairing, batch_size, n_crops)
+        with torch.no_grad():
+            teacher_outs = []
+            for j, teacher in enumerate(teachers):
+                searching = "ct" in self.active_terms(1 - j)
+                request = (SearchRequest(student_outs[1 - j].queries[rows], self.config.search_pairing, n_crops)
+                           if searching else None)
+                teacher_outs.append(teacher(crops[:2], search=request))
 
         totals, terms, entropy, kl = [], {}, {}, {}
         centre_sums = torch.zeros_like(centres.values)
@@ -134,10 +122,8 @@ class MOKDObjective:
                     results[term] = self._dino(mine.mlp_logits, other_teacher.mlp_logits, centres.get(i, "cm"),
                                                temps, temps.teacher_cross, batch_size)
                 else:
-                    targets, rows = self.search_targets(students[i], mine, teachers[j], other_teacher,
-                                                        batch_size, n_crops)
-                    results[term] = self._dino(mine.thead_logits[rows], targets, None, temps, temps.teacher_cross,
-                                               batch_size, pairing="one_to_one")
+                    results[term] = self._dino(mine.thead_logits[rows], other_teacher.search_logits, None, temps,
+                                               temps.teacher_cross, batch_size, pairing="one_to_one")
             total = torch.zeros((), device=crops[0].device)
             for term, result in results.items():
                 weight = self.cross_weights[i] if term in ("cm", "ct") else 1.0

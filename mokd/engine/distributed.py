@@ -1,0 +1,108 @@
+"""The process group of a run: who this process is, which device it drives, and the few collectives the
+engine needs beyond what the strategies' wrappers do.
+
+Launchers set the environment: torchrun and the DeepSpeed launcher set RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT; under SLURM's srun (one task per GPU, see launch/slurm.sbatch) the same values are
+read from SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID, with MASTER_ADDR/MASTER_PORT exported by the batch script.
+Without any of them the run is a single process and no process group is created.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launch_environment() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun / DeepSpeed launcher variables, else SLURM's, else (0, 1, 0)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def init_world(device: torch.device, parallel_config) -> World:
+    """Join the process group (when launched with several processes) and pin this process to its device."""
+    rank, world_size, local_rank = launch_environment()
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        for key in ("MASTER_ADDR", "MASTER_PORT"):
+            if key not in os.environ:
+                raise RuntimeError(f"{world_size} processes but {key} is not set: launch with torchrun, the DeepSpeed "
+                                   f"launcher, or export it in the SLURM batch script")
+        os.environ.setdefault("RANK", str(rank))  # env:// rendezvous reads these (srun sets only SLURM_*)
+        os.environ.setdefault("WORLD_SIZE", str(world_size))
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+        backend = parallel_config.backend
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=parallel_config.timeout_minutes),
+                                device_id=device if device.type == "cuda" else None)
+    if world_size == 1 and parallel_config.strategy != "single" and not dist.is_initialized():
+        # One process is a legal world for every strategy (a checkpoint resharded to one process, say), but the
+        # wrappers need a process group even then.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+            os.environ.setdefault(key, value)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    return World(rank, world_size, local_rank, device)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mean over ranks of scalar metrics, in one collective (each rank's loss is over its own images)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1 or not values:
+        return values
+    stacked = torch.stack([value.detach().float().reshape(()) for value in values.values()])
+    dist.all_reduce(stacked)
+    stacked /= dist.get_world_size()
+    return dict(zip(values, stacked.unbind()))
+
+
+class CentreSync:
+    """The six centres' column sums and row counts all-reduced as one flat buffer, once per step, optionally
+    started early (async) so that the transfer overlaps the backward pass."""
+
+    def __init__(self, sums: torch.Tensor, rows: torch.Tensor, async_op: bool) -> None:
+        self.shape = sums.shape
+        self.flat = torch.cat([sums.detach().reshape(-1), rows.detach().to(sums.dtype)])
+        self.handle = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self.handle = dist.all_reduce(self.flat, async_op=async_op)
+
+    def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global column sums [6, K], global teacher rows [6])."""
+        if self.handle is not None:  # None: one process, or a synchronous all-reduce already done
+            self.handle.wait()
+        count = self.shape[0] * self.shape[1]
+        return self.flat[:count].view(self.shape), self.flat[count:]

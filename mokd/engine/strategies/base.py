@@ -1,0 +1,149 @@
+"""The strategy interface, and `single`: one process, whole models, DCP checkpoints.
+
+A strategy owns how each student is wrapped, how its gradients are synchronised and clipped, how its optimiser
+steps, how its teacher is kept (sharded exactly like the student, so the EMA touches local tensors only), and
+how both are written to and read from a checkpoint directory. The trainer sees only this interface:
+
+    setup(students, teachers, make_optimizer)      wrap; afterwards .students / .teachers are the callables
+    set_schedule(i, lr, wd, freeze_last_layer)     before the forward
+    backward(totals)                               one backward of L_1 + L_2
+    optimizer_step(i, clip, freeze_last_layer)     -> gradient norm of student i
+    update_teachers(momenta)                       shard-local EMA, no collective
+    save(directory) / load(directory)              models and optimisers (the trainer adds the rest)
+    teacher_state_dicts()                          full teacher weights on rank 0 (evaluation, export)
+    memory_report()                                bytes per rank of parameters, gradients, optimiser state
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from mokd.engine.distributed import World
+from mokd.engine.optim import clip_gradients_, drop_last_layer_gradients_, set_schedule
+from mokd.kernels import EmaPlan
+
+OptimizerFactory = Callable[[nn.Module, int], torch.optim.Optimizer]
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class Strategy:
+    """`single`: the students and teachers as they are; the base of `ddp` and `fsdp`."""
+
+    name = "single"
+
+    def __init__(self, config, world: World, amp_dtype: Optional[torch.dtype]) -> None:
+        self.config, self.world, self.amp_dtype = config, world, amp_dtype
+        fp16 = amp_dtype == torch.float16
+        self.scalers = [torch.amp.GradScaler(world.device.type, enabled=fp16) for _ in range(2)]
+
+    # ---- wrapping ------------------------------------------------------------------------------
+    def setup(self, students, teachers, make_optimizer: OptimizerFactory) -> None:
+        self.networks = tuple(students)  # the modules themselves (parameters, last layers)
+        self.teacher_networks = tuple(teachers)
+        self.students, self.teachers = self.wrap(self.networks, self.teacher_networks)
+        self.optimizers = [make_optimizer(network, i) for i, network in enumerate(self.networks)]
+        self.teacher_emas = [EmaPlan(self.local_tensors(t), self.local_tensors(s))
+                             for t, s in zip(self.teacher_networks, self.networks)]
+
+    def wrap(self, students, teachers) -> tuple[tuple, tuple]:
+        return students, teachers
+
+    def local_tensors(self, module: nn.Module) -> list[torch.Tensor]:
+        """The parameters as this rank holds them (whole here; local shards under FSDP2)."""
+        return list(module.parameters())
+
+    # ---- the step ------------------------------------------------------------------------------
+    def set_schedule(self, index: int, lr: float, weight_decay: float, freeze_last_layer: bool) -> None:
+        set_schedule(self.optimizers[index], lr, weight_decay)
+
+    def backward(self, totals: list[torch.Tensor]) -> None:
+        # L_1 depends only on student 1 and L_2 only on student 2: one backward trains both.
+        sum(scaler.scale(total) for scaler, total in zip(self.scalers, totals)).backward()
+
+    def optimizer_step(self, index: int, clip_grad: float, freeze_last_layer: bool) -> torch.Tensor:
+        network, optimizer, scaler = self.networks[index], self.optimizers[index], self.scalers[index]
+        scaler.unscale_(optimizer)
+        norm = self.clip_gradients(network, clip_grad)
+        if freeze_last_layer:
+            drop_last_layer_gradients_(network.last_layers())
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def clip_gradients(self, network: nn.Module, max_norm: float) -> torch.Tensor:
+        return clip_gradients_(network, max_norm)
+
+    @torch.no_grad()
+    def update_teachers(self, momenta: list[float]) -> None:
+        for plan, momentum in zip(self.teacher_emas, momenta):
+            plan.update(momentum)
+
+    # ---- checkpoints: DCP (reshardable across world sizes and strategies single/ddp/fsdp) --------
+    def _dcp_state(self) -> dict:
+        state = {}
+        for i, (student, teacher, optimizer) in enumerate(zip(self.networks, self.teacher_networks, self.optimizers)):
+            state[f"model{i + 1}"] = {
+                "student": get_model_state_dict(student),
+                "teacher": get_model_state_dict(teacher),
+                "optimizer": get_optimizer_state_dict(student, optimizer),
+                "scaler": self.scalers[i].state_dict(),
+            }
+        return state
+
+    def save(self, directory: Path) -> None:
+        dcp.save(self._dcp_state(), checkpoint_id=str(directory / "dcp"))
+
+    def load(self, directory: Path) -> None:
+        path = str(directory / "dcp")
+        state = self._dcp_state()
+        # The template has optimiser state for every parameter (torch initialises it to build the template);
+        # the checkpoint has none for parameters that never stepped (the last layers while frozen). Load only
+        # what was saved, so those parameters stay without state, exactly as in the uninterrupted run.
+        saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+        for i in range(len(self.networks)):
+            optimizer_state = state[f"model{i + 1}"]["optimizer"]["state"]
+            for fqn in list(optimizer_state):
+                prefix = f"model{i + 1}.optimizer.state.{fqn}."
+                if not any(key.startswith(prefix) for key in saved):
+                    del optimizer_state[fqn]
+        dcp.load(state, checkpoint_id=path)
+        for i, (student, teacher, optimizer) in enumerate(zip(self.networks, self.teacher_networks, self.optimizers)):
+            part = state[f"model{i + 1}"]
+            set_model_state_dict(student, part["student"])
+            set_model_state_dict(teacher, part["teacher"])
+            set_optimizer_state_dict(student, optimizer, part["optimizer"],
+                                     options=StateDictOptions(strict=False))  # stateless last layers, see above
+            self.scalers[i].load_state_dict(part["scaler"])
+
+    def teacher_state_dicts(self) -> list[dict]:
+        """Full teacher weights (plain tensors on CPU) on rank 0; every rank must call (FSDP2 gathers)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return [get_model_state_dict(teacher, options=options) for teacher in self.teacher_networks]
+
+    # ---- accounting ----------------------------------------------------------------------------
+    def memory_report(self) -> dict[str, int]:
+        """Bytes this rank holds for both students' parameters, their optimiser states and both teachers
+        (gradients are transient: counted by the plan command, not here)."""
+        optimizer_state = [value for optimizer in self.optimizers for state in optimizer.state.values()
+                           for value in state.values() if isinstance(value, torch.Tensor) and value.dim() > 0]
+        return {
+            "student_parameter_bytes": tensor_bytes(t for n in self.networks for t in self.local_tensors(n)),
+            "teacher_parameter_bytes": tensor_bytes(t for n in self.teacher_networks for t in self.local_tensors(n)),
+            "optimizer_state_bytes": tensor_bytes(_local(value) for value in optimizer_state),
+        }
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

@@ -1,0 +1,27 @@
+"""`ddp`: every rank holds whole students and teachers; DistributedDataParallel averages the gradients.
+
+BatchNorm layers of students and teachers become GlobalBatchNorm, so a rank of B images normalises with the
+statistics of all ranks' images, as one process with the global batch would (DINO uses SyncBatchNorm for the
+same reason). The teacher is a plain replicated module: identical updates on identical weights keep the
+replicas equal, and its EMA is local.
+"""
+
+from __future__ import annotations
+
+from torch.nn.parallel import DistributedDataParallel
+
+from mokd.engine.batchnorm import convert_to_global_batchnorm
+from mokd.engine.strategies.base import Strategy
+
+
+class DDPStrategy(Strategy):
+    name = "ddp"
+
+    def wrap(self, students, teachers):
+        for network in (*students, *teachers):
+            convert_to_global_batchnorm(network)
+        device_ids = [self.world.device.index] if self.world.device.type == "cuda" else None
+        # Buffers (BN running statistics) are equal on every rank by construction: no broadcast each forward.
+        wrapped = tuple(DistributedDataParallel(student, device_ids=device_ids, broadcast_buffers=False)
+                        for student in students)
+        return wrapped, teachers

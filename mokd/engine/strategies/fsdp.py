@@ -1,0 +1,71 @@
+"""`fsdp`: FSDP2 (`fully_shard`) shards students and teachers alike, block by block, over all ranks.
+
+Each teacher is sharded with the same mesh and the same units as its student, so teacher shard k and student
+shard k hold the same elements and the EMA runs on local shards with no communication. A teacher forward
+under no_grad leaves its root unit's parameters gathered, so the teacher callable reshards after it.
+Gradient clipping is DINO's per-parameter clipping: every rank computes the squared norms of its local gradient
+shards, one all-reduce sums them per parameter, and every rank scales its own shards.
+BatchNorm layers become GlobalBatchNorm (statistics of the global batch), as under DDP.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from mokd.engine.batchnorm import convert_to_global_batchnorm
+from mokd.engine.strategies.base import Strategy
+
+# Units below the root: a ResNet's residual blocks, a ViT's transformer blocks, each head.
+_UNIT_CLASS_NAMES = ("BasicBlock", "Bottleneck", "Block", "MLPHead", "THead")
+
+
+def sharding_units(network: nn.Module) -> list[nn.Module]:
+    return [module for module in network.modules() if type(module).__name__ in _UNIT_CLASS_NAMES]
+
+
+class _ReshardingTeacher:
+    """Calls the sharded teacher, then frees its gathered parameters (no backward will do it)."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        self.teacher = teacher
+
+    def __call__(self, *args, **kwargs):
+        output = self.teacher(*args, **kwargs)
+        self.teacher.reshard()
+        return output
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+
+    def wrap(self, students, teachers):
+        mesh = init_device_mesh(self.world.device.type, (self.world.world_size,))
+        policy = MixedPrecisionPolicy(param_dtype=self.amp_dtype if self.amp_dtype == torch.bfloat16 else None,
+                                      reduce_dtype=torch.float32)
+        reshard = self.config.parallel.reshard_after_forward
+        for network in (*students, *teachers):
+            convert_to_global_batchnorm(network)
+            for unit in sharding_units(network):
+                fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+            fully_shard(network, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        return students, tuple(_ReshardingTeacher(teacher) for teacher in teachers)
+
+    def local_tensors(self, module: nn.Module) -> list[torch.Tensor]:
+        return [parameter.to_local() for parameter in module.parameters()]
+
+    @torch.no_grad()
+    def clip_gradients(self, network: nn.Module, max_norm: float) -> torch.Tensor:
+        grads = [p.grad.to_local() for p in network.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.world.device)
+        squares = torch.stack([g.float().pow(2).sum() for g in grads])
+        dist.all_reduce(squares)  # per-parameter squared norms over all shards
+        norms = squares.sqrt()
+        if max_norm > 0:
+            scales = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads, list(scales.unbind()))
+        return norms.norm()
