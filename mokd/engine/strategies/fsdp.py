@@ -19,8 +19,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from mokd.engine.batchnorm import convert_to_global_batchnorm
 from mokd.engine.strategies.base import Strategy
 
-# Units below the root: a ResNet's residual blocks, a ViT's transformer blocks, each head.
-_UNIT_CLASS_NAMES = ("BasicBlock", "Bottleneck", "Block", "MLPHead", "THead")
+# Units below the root: a ResNet's residual blocks, a ViT's transformer blocks, the MLP-Head. The T-Head stays
+# in the root unit: besides its forward (once per resolution group, and the search) the network calls its
+# query projection directly, which only the root's gathered parameters serve.
+_UNIT_CLASS_NAMES = ("BasicBlock", "Bottleneck", "Block", "MLPHead")
 
 
 def sharding_units(network: nn.Module) -> list[nn.Module]:
