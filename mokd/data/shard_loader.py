@@ -77,7 +77,7 @@ def batches_per_rank(counts: list[int], batch_size: int, world_size: int) -> int
 
 
 def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
-    generator = torch.Generator().manual_seed(_hash63(b"mokd-shards", seed, epoch))
+    generator = torch.Generator().manual_seed(_hash63(b"mokd-shardord", seed, epoch))
     return torch.randperm(num_shards, generator=generator).tolist()
 
 
@@ -150,7 +150,7 @@ class ShardStream(IterableDataset):
     def _samples(self, plan: WorkerPlan, epoch: int, worker: int) -> Iterator[tuple[Any, int, int]]:
         """Decoded (image, label, augmentation seed) in shuffle-buffer order, cycling over the worker's
         stretches until the caller has its batches."""
-        rng = random.Random(_hash63(b"mokd-shard-buffer", self.seed, epoch, self.rank, worker))
+        rng = random.Random(_hash63(b"mokd-shardbuf", self.seed, epoch, self.rank, worker))
         stats = self.stats[worker]  # a view of shared memory: the main process reads it for the metrics
         buffer: list[tuple[RawSample, int, int, str]] = []
         usable_in_pass = [0]
@@ -178,7 +178,7 @@ class ShardStream(IterableDataset):
                     skip(1, str(error))
                 return
             usable_in_pass[0] += 1
-            yield image, label, _hash63(b"mokd-shard-sample", self.seed, epoch, position, passes)
+            yield image, label, _hash63(b"mokd-shardaug", self.seed, epoch, position, passes)
 
         passes = 0
         while True:
