@@ -264,3 +264,24 @@ def test_trainer_and_evaluation_read_fashion_mnist_shards_from_the_cli(tmp_path:
     bank_loader, test_loader, classes = eval_loaders(config)
     images, labels = next(iter(test_loader))
     assert classes == 10 and images.shape[1:] == (1, 16, 16) and labels.tolist() == test_set.targets[:16]
+
+
+def test_trainer_resumed_mid_epoch_on_shards_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    from mokd.engine.trainer import Trainer
+
+    write_shards_from("fashion_mnist", tmp_path / "train", "train", split="test", shards=8, limit=48)
+    extra = ["data.source=webdataset", f"data.shards={tmp_path}/train/train-{{000000..000007}}.tar",
+             "data.shard_channels=1", "data.shard_statistics=fashion_mnist", "data.shuffle_buffer=8",
+             "data.num_workers=2", "train.deterministic=true", "checkpoint.keep_last=1"]
+
+    def losses(run: Path) -> dict:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: {k: v for k, v in r.items() if k.startswith("loss/")} for r in records}
+
+    Trainer(tiny_config(tmp_path / "whole", extra=extra + ["train.max_steps=8"]), show_progress=False).train()
+    Trainer(tiny_config(tmp_path / "split", extra=extra + ["train.max_steps=3"]), show_progress=False).train()
+    resumed = Trainer(tiny_config(tmp_path / "split", extra=extra + ["train.max_steps=8"]), show_progress=False)
+    assert resumed.step == 3 and resumed.steps_per_epoch == 6  # resumes inside epoch 0, runs into epoch 1
+    resumed.train()
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    assert sorted(losses(tmp_path / "whole")) == list(range(1, 9))
