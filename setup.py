@@ -19,6 +19,7 @@ setup(
         "matplotlib>=3.7",
         "scikit-learn>=1.3",
         "threadpoolctl>=3.1",
+        "webdataset>=1.0",
     ],
     extras_require={
         "dev": ["pytest>=7"],

@@ -96,7 +96,7 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    source: str = option("fashion_mnist", "fashion_mnist | imagefolder | synthetic")
+    source: str = option("fashion_mnist", "fashion_mnist | imagefolder | synthetic | webdataset (tar shards)")
     root: Optional[str] = option(None, "dataset root (imagefolder: ROOT/train, ROOT/val; fashion_mnist: IDX dir)")
     global_crop_size: int = option(224, "side of the two global crops, px")
     local_crop_size: int = option(96, "side of the local crops, px")
@@ -109,6 +109,18 @@ class DataConfig:
     synthetic_image_size: int = option(32, "synthetic source: image side, px")
     synthetic_classes: int = option(10, "synthetic source: classes")
     synthetic_channels: int = option(3, "synthetic source: channels")
+    shards: Optional[str] = option(None, "webdataset: training shard URLs, brace-expanded, '::' between patterns "
+                                   "(/data/train-{000000..000146}.tar, or pipe:aws s3 cp s3://b/train-{...}.tar -)")
+    eval_shards: Optional[str] = option(None, "webdataset: held-out (val/test) shard URLs for k-NN, linear probe "
+                                        "and fine-tuning (read in order, not shuffled)")
+    shard_manifest: Optional[str] = option(None, "webdataset: manifest.json of the training shards (per-shard "
+                                           "sample counts; default: beside local shards; needed for pipe: URLs)")
+    shard_channels: int = option(3, "webdataset: channels the images are decoded to (1 for Fashion-MNIST shards)")
+    shard_statistics: str = option("imagefolder", "webdataset: normalisation statistics of this source "
+                                   "(imagefolder = ImageNet | fashion_mnist | synthetic)")
+    shuffle_buffer: int = option(1000, "webdataset: samples in each worker's shuffle buffer (kept encoded)")
+    max_corrupt_fraction: float = option(0.01, "webdataset: stop when a data worker skips more than this fraction "
+                                         "of its share of an epoch as corrupt or missing")
 
 
 @dataclass
@@ -192,7 +204,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "head.attention": ("sdpa", "flash", "math"),
     "loss.search_pairing": ("local_to_global", "global_to_global"),
     "loss.kernel": ("auto", "triton", "torch", "reference"),
-    "data.source": ("fashion_mnist", "imagefolder", "synthetic"),
+    "data.source": ("fashion_mnist", "imagefolder", "synthetic", "webdataset"),
+    "data.shard_statistics": ("imagefolder", "fashion_mnist", "synthetic"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "parallel.strategy": ("single", "ddp", "fsdp", "deepspeed"),
@@ -310,7 +323,25 @@ def validate(config: MOKDConfig) -> None:
     if config.loss.cross_search and config.loss.search_pairing == "local_to_global" and config.data.n_local_crops < 1:
         raise ConfigError("loss.search_pairing=local_to_global needs data.n_local_crops >= 1 "
                           "(or set loss.search_pairing=global_to_global)")
+    validate_shard_options(config.data)
     if config.train.batch_size < 1:
         raise ConfigError(f"train.batch_size must be >= 1, got {config.train.batch_size}")
     if config.train.epochs < 1:
         raise ConfigError(f"train.epochs must be >= 1, got {config.train.epochs}")
+
+
+def validate_shard_options(data: DataConfig) -> None:
+    """The webdataset options: shards named, values in range, no option that only map-style sources honour."""
+    if data.source != "webdataset":
+        return
+    if not data.shards:
+        raise ConfigError("data.source=webdataset needs data.shards (the training shard URLs, written by `mokd shards`)")
+    if data.train_samples:
+        raise ConfigError("data.train_samples picks a subset of a map-style dataset; with data.source=webdataset "
+                          "write fewer samples instead (mokd shards --limit N)")
+    if data.shard_channels not in (1, 3):
+        raise ConfigError(f"data.shard_channels must be 1 or 3, got {data.shard_channels}")
+    if data.shuffle_buffer < 1:
+        raise ConfigError(f"data.shuffle_buffer must be >= 1, got {data.shuffle_buffer}")
+    if not 0.0 <= data.max_corrupt_fraction <= 1.0:
+        raise ConfigError(f"data.max_corrupt_fraction must be in [0, 1], got {data.max_corrupt_fraction}")

@@ -99,12 +99,27 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
             yield [(index, _hash63(b"mokd-sample", seed, epoch, index)) for index in batch]
 
 
+def seeded_transform(transform: Callable[[Any], Any], image: Any, sample_seed: int) -> Any:
+    """transform(image) under torch's CPU generator and Python's `random` seeded with sample_seed.
+
+    Both states are restored afterwards: in the trainer's own process (num_workers=0) the model's random stream
+    (dropout, drop-path, ...) must not depend on data augmentation.
+    """
+    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    try:
+        # Only the CPU generator: torch.manual_seed would also reseed (and so disturb) CUDA generators.
+        torch.default_generator.manual_seed(sample_seed)
+        random.seed(sample_seed)
+        return transform(image)
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(python_state)
+
+
 class MultiCropDataset(Dataset):
     """Wraps a (PIL image, label) dataset; item (index, sample_seed) -> (list of crops, label).
 
-    The transform runs under torch's CPU generator and Python's `random` seeded with sample_seed, and both
-    states are restored afterwards: with num_workers=0 this runs in the trainer's process, whose own random
-    stream (dropout, drop-path, …) must not depend on data augmentation.
+    The transform runs through `seeded_transform`, so the crops depend on sample_seed alone.
     """
 
     def __init__(self, base: Dataset, transform: Callable[[Any], list[torch.Tensor]]) -> None:
@@ -121,16 +136,7 @@ class MultiCropDataset(Dataset):
             )
         index, sample_seed = item
         image, label = self.base[index]
-        torch_state, python_state = torch.get_rng_state(), random.getstate()
-        try:
-            # Only the CPU generator: torch.manual_seed would also reseed (and so disturb) CUDA generators.
-            torch.default_generator.manual_seed(sample_seed)
-            random.seed(sample_seed)
-            crops = self.transform(image)
-        finally:
-            torch.set_rng_state(torch_state)
-            random.setstate(python_state)
-        return crops, label
+        return seeded_transform(self.transform, image, sample_seed), label
 
 
 class _TransformedDataset(Dataset):

@@ -17,6 +17,8 @@ from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
 
 from mokd.data.fashion_mnist import FashionMNIST
+from mokd.data.shard_dataset import ShardDataset
+from mokd.data.transforms import dataset_statistics
 
 SOURCES = ("fashion_mnist", "imagefolder", "synthetic")
 
@@ -171,8 +173,23 @@ def limit_size(dataset: Dataset, size: int, seed: int) -> Dataset:
 
 
 def dataset_for(data_config, split: str, seed: int) -> Dataset:
-    """`build_dataset` with the arguments of a run's `data` config section (its source, root and synthetic_*)."""
+    """`build_dataset` with the arguments of a run's `data` config section (its source, root and synthetic_*).
+
+    data.source=webdataset: the shards of data.shards ("train") or data.eval_shards (any other split), in order.
+    """
+    if data_config.source == "webdataset":
+        key = "data.shards" if split == "train" else "data.eval_shards"
+        pattern = data_config.shards if split == "train" else data_config.eval_shards
+        if not pattern:
+            raise ValueError(f"data.source=webdataset: the {split!r} split needs {key} (shard URLs)")
+        return ShardDataset(pattern, data_config.shard_channels, key)
     return build_dataset(data_config.source, split, data_config.root, synthetic_size=data_config.synthetic_size,
                          synthetic_image_size=data_config.synthetic_image_size,
                          synthetic_classes=data_config.synthetic_classes,
                          synthetic_channels=data_config.synthetic_channels, seed=seed)
+
+
+def data_statistics(data_config, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation (mean, std) of a run's data: its source's, or data.shard_statistics' for shards."""
+    source = data_config.shard_statistics if data_config.source == "webdataset" else data_config.source
+    return dataset_statistics(source, channels)

@@ -16,7 +16,8 @@ from typing import Any, Optional
 import torch
 
 from mokd.config import MOKDConfig, save_config, to_yaml
-from mokd.data import MultiCropTransform, build_train_loader, dataset_for, dataset_statistics, limit_size
+from mokd.data import (MultiCropTransform, build_train_loader, data_statistics, dataset_for, limit_size, loader_statistics,
+                       shard_train_loader)
 from mokd.engine.checkpoint import META_FILE, TEACHERS_FILE, CheckpointError, CheckpointManager
 from mokd.engine.distributed import CentreSync, World, all_reduce_mean, init_world
 from mokd.engine.metrics import MetricsLogger
@@ -31,13 +32,19 @@ from mokd.method.schedules import ModelSchedules
 
 
 def build_train_data(config: MOKDConfig, rank: int = 0, world_size: int = 1):
-    """The training dataset, its multi-crop transform, loader and resumable sampler."""
+    """The training dataset, its loader, and the loader's position (set_epoch, set_start_batch, len: the
+    ResumableBatchSampler, or for shards the ShardLoader itself)."""
     data = config.data
-    dataset = limit_size(dataset_for(data, "train", config.train.seed), data.train_samples, config.train.seed)
-    mean, std = dataset_statistics(data.source, dataset.channels)
+    dataset = dataset_for(data, "train", config.train.seed)
+    if data.source != "webdataset":  # shards are never indexed for training: the manifest has the counts
+        dataset = limit_size(dataset, data.train_samples, config.train.seed)
+    mean, std = data_statistics(data, dataset.channels)
     transform = MultiCropTransform(data.global_crop_size, data.local_crop_size, data.n_local_crops,
                                    tuple(data.global_crop_scale), tuple(data.local_crop_scale), mean, std,
                                    dataset.channels)
+    if data.source == "webdataset":
+        loader = shard_train_loader(data, transform, config.train.batch_size, config.train.seed, rank, world_size)
+        return dataset, loader, loader
     loader, sampler = build_train_loader(dataset, transform, config.train.batch_size, config.train.seed,
                                          data.num_workers, rank=rank, world_size=world_size)
     return dataset, loader, sampler
@@ -174,6 +181,7 @@ class Trainer:
         scalars["perf/images_per_second"] = images_per_second
         scalars["perf/data_wait_share"] = data_wait_share
         scalars["perf/peak_memory_bytes"] = float(peak_memory_bytes(self.device))
+        scalars.update(loader_statistics(self.loader))
         if self.metrics is not None:
             self.metrics.log(self.step, scalars)
 

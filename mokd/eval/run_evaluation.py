@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from mokd.config import MOKDConfig, load_config
-from mokd.data import EvalTransform, build_eval_loader, dataset_for, dataset_statistics, limit_size, num_classes
+from mokd.data import EvalTransform, build_eval_loader, data_statistics, dataset_for, limit_size, num_classes
 from mokd.engine.checkpoint import CheckpointManager, load_teachers_file
 from mokd.engine.runtime import resolve_device
 from mokd.eval.analysis import attention_distance, prediction_consistency, tsne_embedding
@@ -45,7 +45,7 @@ class ModelFeatures(NamedTuple):
 def eval_loaders(config: MOKDConfig) -> tuple[DataLoader, DataLoader, int]:
     """(memory-bank loader, test loader, number of classes) with the deterministic evaluation transform."""
     train_set, test_set = eval_dataset(config, "train"), eval_dataset(config, "test")
-    mean, std = dataset_statistics(config.data.source, train_set.channels)
+    mean, std = data_statistics(config.data, train_set.channels)
     image_size = min(config.eval.image_size, config.data.global_crop_size)
     transform = EvalTransform(image_size, mean, std, train_set.channels)
     bank = limit_size(train_set, config.eval.max_train_samples, config.train.seed)

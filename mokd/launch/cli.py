@@ -1,4 +1,4 @@
-"""The `mokd` command line: train, eval (knn, linear, finetune, analyse), export, presets."""
+"""The `mokd` command line: train, eval (knn, linear, finetune, analyse), export, shards, presets."""
 
 from __future__ import annotations
 
@@ -101,6 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=("timm", "detectron2"), help="checkpoint format")
     export.add_argument("--out", required=True, type=Path, help="output file")
 
+    shards = commands.add_parser(
+        "shards", formatter_class=_formatter, help="write WebDataset tar shards and their manifest",
+        description="Write OUT/PREFIX-NNNNNN.tar shards (image bytes as stored + class index) and OUT/manifest.json "
+                    "(samples per shard), samples shuffled with --seed. Train from them with data.source=webdataset "
+                    "data.shards='OUT/PREFIX-{000000..NNNNNN}.tar' (the pattern is printed).")
+    shards.add_argument("--source", required=True, choices=("imagefolder", "fashion_mnist", "filelist"))
+    shards.add_argument("--input", type=Path, default=None,
+                        help="ImageFolder root (ROOT/<class>/<image>), file list ('PATH LABEL' lines), or the "
+                             "Fashion-MNIST IDX directory (default: found as for training)")
+    shards.add_argument("--split", default="train", choices=("train", "test"), help="Fashion-MNIST split")
+    shards.add_argument("--out", required=True, type=Path, help="output directory (must hold no shards yet)")
+    shards.add_argument("--prefix", default=None, help="shard name prefix (default: the split)")
+    size = shards.add_mutually_exclusive_group(required=True)
+    size.add_argument("--samples-per-shard", type=int, default=0, help="samples per shard (the last may hold fewer)")
+    size.add_argument("--shards", type=int, default=0, help="number of shards (samples spread evenly)")
+    shards.add_argument("--limit", type=int, default=0, help="write only this many samples (after shuffling)")
+    shards.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
+
     commands.add_parser("presets", help="list the presets")
     return parser
 
@@ -156,6 +174,16 @@ def export_command(run_dir: Path, model: int, fmt: str, out: Path) -> int:
     return 0
 
 
+def shards_command(args: argparse.Namespace) -> int:
+    from mokd.data.shard_writer import write_shards_from
+
+    manifest = write_shards_from(args.source, args.out, args.prefix or args.split, args.input, args.split,
+                                 samples_per_shard=args.samples_per_shard, shards=args.shards, seed=args.seed,
+                                 limit=args.limit)
+    print(f"{manifest['samples']} samples in {len(manifest['shards'])} shards: {manifest['pattern']}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -165,6 +193,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return eval_command(args)
         if args.command == "export":
             return export_command(args.run, args.model, args.format, args.out)
+        if args.command == "shards":
+            return shards_command(args)
         print(preset_summary())
         return 0
     except (ConfigError, FileNotFoundError, CheckpointError, ValueError) as error:
