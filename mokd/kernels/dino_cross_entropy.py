@@ -32,7 +32,6 @@ so ``teacher_logits.grad`` stays ``None`` even when the caller passes a tensor t
 
 from __future__ import annotations
 
-import math
 import os
 from typing import NamedTuple
 
