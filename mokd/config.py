@@ -315,6 +315,11 @@ def validate(config: MOKDConfig) -> None:
                 raise ConfigError(f"data.{bound} must be [low, high] with 0 < low <= high <= 1, got {scale}")
     if config.parallel.zero_stage not in (1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3, got {config.parallel.zero_stage}")
+    for name in ("model1", "model2"):
+        if config.parallel.strategy == "deepspeed" and getattr(config, name).optim.name == "lars":
+            raise ConfigError(f"{name}.optim.name=lars with parallel.strategy=deepspeed: ZeRO hands the optimiser "
+                              f"flat partitions, so LARS's per-parameter trust ratio cannot be computed; use sgd or "
+                              f"adamw, or parallel.strategy=fsdp")
     if config.parallel.strategy == "deepspeed" and config.train.precision == "fp16":
         raise ConfigError("train.precision=fp16 with parallel.strategy=deepspeed is not supported (one GradScaler "
                           "per model lives outside DeepSpeed's engines): use bf16 or fp32")

@@ -85,6 +85,10 @@ def test_unknown_config_key_is_refused_with_its_name(tmp_path, capsys):
     (["data.n_local_crops=0"], "n_local_crops"),  # the official search pairs local crops
     (["head.thead_dim=99"], "head.thead_dim"),  # not divisible by the 2 T-Head heads
     (["loss.search_pairing=sideways"], "loss.search_pairing"),
+    (["parallel.strategy=horovod"], "parallel.strategy"),
+    (["parallel.strategy=deepspeed", "parallel.zero_stage=4"], "parallel.zero_stage"),
+    (["parallel.strategy=deepspeed", "model1.optim.name=lars"], "model1.optim.name=lars"),
+    (["parallel.strategy=deepspeed", "train.precision=fp16"], "train.precision=fp16"),
 ])
 def test_impossible_pairs_are_refused_before_training(overrides, message):
     with pytest.raises(ConfigError, match=message):

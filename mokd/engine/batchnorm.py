@@ -11,8 +11,23 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_functional
 from torch import nn
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """y = sum over ranks of x; the gradient of a sum is the sum of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -27,7 +42,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         x = input.float().transpose(0, 1).reshape(channels, -1)
         count = torch.tensor([float(x.shape[1])], device=input.device)
         # fp32 sums; the differentiable all-reduce sums the gradient back to every rank in backward.
-        stats = dist_functional.all_reduce(torch.cat([x.sum(dim=1), (x * x).sum(dim=1), count]))
+        stats = _SumOverRanks.apply(torch.cat([x.sum(dim=1), (x * x).sum(dim=1), count]))
         total = stats[-1]
         mean = stats[:channels] / total
         var = (stats[channels:2 * channels] / total - mean * mean).clamp(min=0.0)

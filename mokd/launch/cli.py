@@ -1,4 +1,4 @@
-"""The `mokd` command line: train, eval (knn, linear, finetune, analyse), export, shards, presets."""
+"""The `mokd` command line: train, eval (knn, linear, finetune, analyse), export, shards, plan, presets."""
 
 from __future__ import annotations
 
@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mokd", formatter_class=_formatter,
         description="MOKD: two vision models learn self-supervised together (CVPR 2023).",
         epilog="Run `mokd train --help` for every configuration option and preset.")
+    # The DeepSpeed launcher passes --local_rank=N before the sub-command; the rank is read from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(
@@ -119,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--limit", type=int, default=0, help="write only this many samples (after shuffling)")
     shards.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
 
+    plan = commands.add_parser(
+        "plan", formatter_class=_formatter, help="memory per rank for a preset under each strategy",
+        description="Estimate the memory each rank needs for a preset: parameters, gradients, optimiser state "
+                    "and teachers per strategy and world size, plus activations measured from one batch-2 "
+                    "forward of the real networks (under the run's autocast dtype on the chosen device type), "
+                    "times train.batch_size. See mokd/engine/plan.py for the formulas.")
+    plan.add_argument("--preset", default=DEFAULT_PRESET, help="preset name or YAML path")
+    plan.add_argument("--world-size", type=int, nargs="+", default=[2], help="ranks (several allowed)")
+    plan.add_argument("--strategies", nargs="+", default=["ddp", "fsdp", "zero1", "zero2", "zero3"],
+                      choices=["ddp", "fsdp", "zero1", "zero2", "zero3"], help="strategies to compare with single")
+    plan.add_argument("--device-type", default="cuda", choices=["cuda", "cpu"],
+                      help="where the run will train (sets the autocast dtype of train.precision=auto)")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. train.batch_size=32")
+
     commands.add_parser("presets", help="list the presets")
     return parser
 
@@ -184,6 +200,28 @@ def shards_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan_command(args: argparse.Namespace) -> int:
+    from mokd.engine.plan import activation_bytes_per_image, estimate, format_plan, input_channels
+
+    base = load_config(args.preset, args.overrides)
+    channels = input_channels(base.data)
+    activations = activation_bytes_per_image(base, channels, args.device_type)
+    plans = []
+    for strategy in ["single", *args.strategies]:
+        for world_size in ([1] if strategy == "single" else args.world_size):
+            zero = strategy.startswith("zero")
+            overrides = [*args.overrides, f"parallel.strategy={'deepspeed' if zero else strategy}",
+                         *( [f"parallel.zero_stage={strategy[-1]}"] if zero else [])]
+            config = load_config(args.preset, overrides)
+            plans.append(estimate(config, world_size, channels, activations))
+    first = plans[0]
+    print(f"{args.preset}: parameters per student {', '.join(f'{p / 1e6:.1f} M' for p in first['parameters'])}; "
+          f"batch {first['batch_per_rank']} per rank; activations measured at batch 2 under "
+          f"{args.device_type}'s autocast dtype ({activations / 2**20:.1f} MiB per image)")
+    print(format_plan(plans))
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -193,6 +231,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return eval_command(args)
         if args.command == "export":
             return export_command(args.run, args.model, args.format, args.out)
+        if args.command == "plan":
+            return plan_command(args)
         if args.command == "shards":
             return shards_command(args)
         print(preset_summary())

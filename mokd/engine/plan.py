@@ -1,0 +1,143 @@
+"""Memory per rank for a preset, strategy and world size, before renting the nodes (`mokd plan`).
+
+Parameter counts come from the real networks (built on the meta device: no memory, no time). Activation
+memory is measured, not guessed: one training forward of both students at batch 2 over the preset's crop set,
+summing the bytes of every tensor autograd saves for the backward (under the run's autocast dtype), times the
+per-device batch. Teacher forwards save nothing (no grad). The model state per rank, with P a student's
+parameters (Pt of them trainable), W the world size, s the optimiser's state per parameter (AdamW 8 bytes,
+SGD/LARS 4):
+
+    single   4P + 4P (teacher) + 4Pt (grads) + s Pt
+    ddp      as single + 4Pt (DDP's gradient buckets)
+    fsdp     (4P + 4P + 4Pt + s Pt) / W + the largest unit gathered whole (params + grads)
+    zero1    4P + 4P + 4Pt + (s Pt + 4Pt fp32 master partition) / W
+    zero2    4P + 4P + (4Pt + s Pt + 4Pt) / W
+    zero3    (4P + 4P + 4Pt + s Pt + 4Pt) / W + the largest module gathered whole
+
+Not counted: the CUDA context (~0.5 GB), allocator fragmentation, communication buffers, the data pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mokd.engine.runtime import autocast, autocast_dtype
+from mokd.method.pair import build_network
+
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 4, "lars": 4}
+GIB = 2**30
+
+
+@dataclass
+class ModelCounts:
+    parameters: int
+    trainable: int
+    largest_unit: int  # parameters of the biggest block/head gathered at once under FSDP / ZeRO-3
+    optimizer_bytes_per_parameter: int
+
+
+def _counts(network: nn.Module, optimizer: str) -> ModelCounts:
+    from mokd.engine.strategies.fsdp import sharding_units
+
+    units = sharding_units(network)
+    unit_ids = {id(p) for unit in units for p in unit.parameters()}
+    root = sum(p.numel() for p in network.parameters() if id(p) not in unit_ids)
+    largest = max([root] + [sum(p.numel() for p in unit.parameters()) for unit in units])
+    return ModelCounts(sum(p.numel() for p in network.parameters()),
+                       sum(p.numel() for p in network.parameters() if p.requires_grad), largest,
+                       OPTIMIZER_STATE_BYTES[optimizer])
+
+
+def model_counts(config, in_chans: int) -> list[ModelCounts]:
+    counts = []
+    for which, model in enumerate((config.model1, config.model2)):
+        with torch.device("meta"):
+            network = build_network(config, which, in_chans, student=True)
+        counts.append(_counts(network, model.optim.name))
+    return counts
+
+
+def activation_bytes_per_image(config, in_chans: int, device_type: str) -> int:
+    """Bytes autograd saves for the backward of both students' forward, per image of the crop set (measured on
+    the CPU under the autocast dtype the run would use on `device_type`)."""
+    data = config.data
+    images = 2  # BatchNorm needs more than one value per channel: measure 2 images, report per image
+    crops = ([torch.randn(images, in_chans, data.global_crop_size, data.global_crop_size) for _ in range(2)]
+             + [torch.randn(images, in_chans, data.local_crop_size, data.local_crop_size)
+                for _ in range(data.n_local_crops)])
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor):
+        # Parameters are saved by reference (already counted as model state); count each storage once.
+        if not isinstance(tensor, nn.Parameter):
+            storage = tensor.untyped_storage()
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    dtype = autocast_dtype(config.train.precision, torch.device(device_type))
+    total = 0
+    for which in (0, 1):
+        network = build_network(config, which, in_chans, student=True)
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            with autocast(torch.device("cpu"), dtype):
+                output = network(crops)
+        total += sum(saved.values())
+        del output
+    return total // images
+
+
+def input_channels(data_config) -> int:
+    """Image channels of the configured source, without opening it."""
+    return {"fashion_mnist": 1, "synthetic": data_config.synthetic_channels,
+            "webdataset": getattr(data_config, "shard_channels", 3)}.get(data_config.source, 3)
+
+
+def estimate(config, world_size: int, in_chans: int, activations_per_image: int) -> dict:
+    """Bytes per rank by component for config.parallel.strategy (and zero_stage) at world_size ranks, given the
+    measured activation bytes per image (activation_bytes_per_image: the same for every strategy)."""
+    strategy = config.parallel.strategy
+    if strategy == "deepspeed":
+        strategy = f"zero{config.parallel.zero_stage}"
+    counts = model_counts(config, in_chans)
+    w = world_size
+    rows = {"student parameters": 0.0, "teacher parameters": 0.0, "gradients": 0.0, "optimiser state": 0.0,
+            "fp32 master partition": 0.0, "gathered unit (transient)": 0.0, "DDP gradient buckets": 0.0}
+    for c in counts:
+        params, teacher, grads, state = 4 * c.parameters, 4 * c.parameters, 4 * c.trainable, \
+            c.optimizer_bytes_per_parameter * c.trainable
+        sharded = {"fsdp": (1, 1, 1, 1), "zero1": (0, 0, 0, 1), "zero2": (0, 0, 1, 1),
+                   "zero3": (1, 1, 1, 1)}.get(strategy, (0, 0, 0, 0))
+        for key, value, shard in zip(("student parameters", "teacher parameters", "gradients", "optimiser state"),
+                                     (params, teacher, grads, state), sharded):
+            rows[key] += value / w if shard else value
+        if strategy.startswith("zero"):
+            rows["fp32 master partition"] += 4 * c.trainable / w
+        if strategy in ("fsdp", "zero3") and w > 1:
+            rows["gathered unit (transient)"] += 8 * c.largest_unit
+        if strategy == "ddp":
+            rows["DDP gradient buckets"] += grads
+    activations = activations_per_image * config.train.batch_size
+    rows = {key: int(value) for key, value in rows.items() if value}
+    model_state = sum(rows.values())
+    rows["activations"] = activations
+    return {"strategy": strategy, "world_size": world_size, "batch_per_rank": config.train.batch_size,
+            "parameters": [c.parameters for c in counts], "rows": rows, "model_state": model_state,
+            "total": model_state + activations}
+
+
+def format_plan(plans: list[dict]) -> str:
+    """One column per plan (strategy x world size), one row per component, GiB per rank."""
+    keys = [key for key in dict.fromkeys(key for plan in plans for key in plan["rows"]) if key != "activations"]
+    keys.append("activations")
+    header = f"{'GiB per rank':<28}" + "".join(f"{plan['strategy'] + ' x' + str(plan['world_size']):>14}"
+                                               for plan in plans)
+    lines = [header, "-" * len(header)]
+    for key in keys:
+        lines.append(f"{key:<28}" + "".join(f"{plan['rows'].get(key, 0) / GIB:14.2f}" for plan in plans))
+    lines.append(f"{'model state':<28}" + "".join(f"{plan['model_state'] / GIB:14.2f}" for plan in plans))
+    lines.append(f"{'total':<28}" + "".join(f"{plan['total'] / GIB:14.2f}" for plan in plans))
+    return "\n".join(lines)
