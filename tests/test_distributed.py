@@ -103,7 +103,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, re
 
     # What each rank really holds agrees with `mokd plan`'s estimate for this strategy and world size.
     config = tiny_config(run_dir, extra=per_rank(extra + clip))
-    plan = estimate(config, 2, 1, activations_per_image=0)["rows"]
+    plan = estimate(config, 2, 1)["rows"]
     for rank_memory in report["memory"]:
         for measured, planned in (("student_parameter_bytes", "student parameters"),
                                   ("teacher_parameter_bytes", "teacher parameters"),

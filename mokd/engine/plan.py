@@ -1,9 +1,9 @@
 """Memory per rank for a preset, strategy and world size, before renting the nodes (`mokd plan`).
 
 Parameter counts come from the real networks (built on the meta device: no memory, no time). Activation
-memory is measured, not guessed: one training forward of both students at batch 2 over the preset's crop set,
-summing the bytes of every tensor autograd saves for the backward (under the run's autocast dtype), times the
-per-device batch. Teacher forwards save nothing (no grad). The model state per rank, with P a student's
+memory is measured, not guessed: training forwards of both students at 2 and 4 images over the preset's crop
+set, summing the bytes of every tensor autograd saves for the backward (under the run's autocast dtype), give
+a fixed part and a part per image, scaled to the per-device batch. Teacher forwards save nothing (no grad). The model state per rank, with P a student's
 parameters (Pt of them trainable), W the world size, s the optimiser's state per parameter (AdamW 8 bytes,
 SGD/LARS 4):
 
@@ -60,11 +60,10 @@ def model_counts(config, in_chans: int) -> list[ModelCounts]:
     return counts
 
 
-def activation_bytes_per_image(config, in_chans: int, device_type: str) -> int:
-    """Bytes autograd saves for the backward of both students' forward, per image of the crop set (measured on
-    the CPU under the autocast dtype the run would use on `device_type`)."""
+def saved_activation_bytes(config, in_chans: int, device_type: str, images: int) -> int:
+    """Bytes autograd saves for the backward of both students' forward over `images` images of the crop set
+    (measured on the CPU under the autocast dtype the run would use on `device_type`)."""
     data = config.data
-    images = 2  # BatchNorm needs more than one value per channel: measure 2 images, report per image
     crops = ([torch.randn(images, in_chans, data.global_crop_size, data.global_crop_size) for _ in range(2)]
              + [torch.randn(images, in_chans, data.local_crop_size, data.local_crop_size)
                 for _ in range(data.n_local_crops)])
@@ -87,7 +86,15 @@ def activation_bytes_per_image(config, in_chans: int, device_type: str) -> int:
                 output = network(crops)
         total += sum(saved.values())
         del output
-    return total // images
+    return total
+
+
+def activation_bytes(config, in_chans: int, device_type: str) -> tuple[int, int]:
+    """(fixed bytes, bytes per image) of the saved activations, from measurements at 2 and 4 images: part of
+    what the forward saves does not grow with the batch (the weight-normalised last layers' [K, d] weights)."""
+    two, four = (saved_activation_bytes(config, in_chans, device_type, images) for images in (2, 4))
+    per_image = max(0, (four - two) // 2)
+    return max(0, two - 2 * per_image), per_image
 
 
 def input_channels(data_config) -> int:
@@ -96,9 +103,9 @@ def input_channels(data_config) -> int:
             "webdataset": getattr(data_config, "shard_channels", 3)}.get(data_config.source, 3)
 
 
-def estimate(config, world_size: int, in_chans: int, activations_per_image: int) -> dict:
+def estimate(config, world_size: int, in_chans: int, activations: tuple[int, int] = (0, 0)) -> dict:
     """Bytes per rank by component for config.parallel.strategy (and zero_stage) at world_size ranks, given the
-    measured activation bytes per image (activation_bytes_per_image: the same for every strategy)."""
+    measured (fixed, per-image) activation bytes (activation_bytes: the same for every strategy)."""
     strategy = config.parallel.strategy
     if strategy == "deepspeed":
         strategy = f"zero{config.parallel.zero_stage}"
@@ -120,7 +127,7 @@ def estimate(config, world_size: int, in_chans: int, activations_per_image: int)
             rows["gathered unit (transient)"] += 8 * c.largest_unit
         if strategy == "ddp":
             rows["DDP gradient buckets"] += grads
-    activations = activations_per_image * config.train.batch_size
+    activations = activations[0] + activations[1] * config.train.batch_size
     rows = {key: int(value) for key, value in rows.items() if value}
     model_state = sum(rows.values())
     rows["activations"] = activations

@@ -9,6 +9,7 @@ How the students are wrapped, synchronised and checkpointed is the strategy's bu
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -130,6 +131,7 @@ class Trainer:
     def train(self) -> None:
         epoch = self.step // self.steps_per_epoch
         window_start, window_images, data_wait = time.perf_counter(), 0, 0.0
+        first_step = self.step + 1
         while self.step < self.last_step:
             self.sampler.set_epoch(epoch)
             self.sampler.set_start_batch(self.step - epoch * self.steps_per_epoch)
@@ -138,6 +140,8 @@ class Trainer:
                 data_wait += time.perf_counter() - fetch_start
                 losses, grad_norms = self.train_step(crops)
                 window_images += crops[0].shape[0] * self.world.world_size
+                if self.step == first_step:  # optimiser state exists from the first step on
+                    self.record_memory()
                 if self.metrics is not None:
                     self.metrics.advance()
                 if self.step % self.config.train.log_every == 0 or self.step == self.last_step:
@@ -152,6 +156,18 @@ class Trainer:
             epoch += 1
         if self.metrics is not None:
             self.metrics.close()
+
+    def record_memory(self) -> None:
+        """RUN/memory.json: the bytes of parameters, teachers and optimiser state each rank really holds
+        (compare with `mokd plan`); collective."""
+        report = self.strategy.memory_report()
+        reports = [report]
+        if self.world.distributed:
+            reports = [None] * self.world.world_size
+            torch.distributed.all_gather_object(reports, report)
+        if self.world.is_main:
+            (self.run_dir / "memory.json").write_text(json.dumps(
+                {"strategy": self.strategy.name, "world_size": self.world.world_size, "per_rank": reports}, indent=1))
 
     def should_checkpoint(self) -> bool:
         if not self.config.checkpoint.enabled:

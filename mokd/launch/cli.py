@@ -124,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser(
         "plan", formatter_class=_formatter, help="memory per rank for a preset under each strategy",
         description="Estimate the memory each rank needs for a preset: parameters, gradients, optimiser state "
-                    "and teachers per strategy and world size, plus activations measured from one batch-2 "
-                    "forward of the real networks (under the run's autocast dtype on the chosen device type), "
-                    "times train.batch_size. See mokd/engine/plan.py for the formulas.")
+                    "and teachers per strategy and world size, plus activations measured from forwards of the "
+                    "real networks at 2 and 4 images (under the run's autocast dtype on the chosen device type), "
+                    "scaled to train.batch_size. See mokd/engine/plan.py for the formulas.")
     plan.add_argument("--preset", default=DEFAULT_PRESET, help="preset name or YAML path")
     plan.add_argument("--world-size", type=int, nargs="+", default=[2], help="ranks (several allowed)")
     plan.add_argument("--strategies", nargs="+", default=["ddp", "fsdp", "zero1", "zero2", "zero3"],
@@ -201,11 +201,11 @@ def shards_command(args: argparse.Namespace) -> int:
 
 
 def plan_command(args: argparse.Namespace) -> int:
-    from mokd.engine.plan import activation_bytes_per_image, estimate, format_plan, input_channels
+    from mokd.engine.plan import activation_bytes, estimate, format_plan, input_channels
 
     base = load_config(args.preset, args.overrides)
     channels = input_channels(base.data)
-    activations = activation_bytes_per_image(base, channels, args.device_type)
+    activations = activation_bytes(base, channels, args.device_type)
     plans = []
     for strategy in ["single", *args.strategies]:
         for world_size in ([1] if strategy == "single" else args.world_size):
@@ -216,8 +216,8 @@ def plan_command(args: argparse.Namespace) -> int:
             plans.append(estimate(config, world_size, channels, activations))
     first = plans[0]
     print(f"{args.preset}: parameters per student {', '.join(f'{p / 1e6:.1f} M' for p in first['parameters'])}; "
-          f"batch {first['batch_per_rank']} per rank; activations measured at batch 2 under "
-          f"{args.device_type}'s autocast dtype ({activations / 2**20:.1f} MiB per image)")
+          f"batch {first['batch_per_rank']} per rank; activations measured under {args.device_type}'s autocast "
+          f"dtype: {activations[0] / 2**20:.0f} MiB fixed + {activations[1] / 2**20:.1f} MiB per image")
     print(format_plan(plans))
     return 0
 
