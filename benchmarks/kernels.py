@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from mokd.kernels import dino_cross_entropy, ema_  # noqa: E402
+from mokd.kernels import dino_cross_entropy, ema_, ema_per_tensor_  # noqa: E402
 
 TAU_S, TAU_T, MOMENTUM = 0.1, 0.04, 0.996
 # What each op's speed-up is measured against: the literal DINO loss, and DINO's per-tensor EMA loop.
@@ -223,15 +223,11 @@ def bench_ema(args, device, copy_bw):
     n_params = sum(t.numel() for t in teacher)
     moved = 3 * n_params * 4
 
-    def dino_loop():  # DINO's update, one tensor at a time
-        for t, s in zip(teacher, student):
-            t.mul_(MOMENTUM).add_((1 - MOMENTUM) * s.detach())
-
     def foreach_mul_add():
         torch._foreach_mul_(teacher, MOMENTUM)
         torch._foreach_add_(teacher, student, alpha=1 - MOMENTUM)
 
-    impls = {"dino_loop": dino_loop, "foreach_mul_add": foreach_mul_add,
+    impls = {"dino_loop": lambda: ema_per_tensor_(teacher, student, MOMENTUM), "foreach_mul_add": foreach_mul_add,
              "foreach_lerp": lambda: torch._foreach_lerp_(teacher, student, 1 - MOMENTUM),
              # mokd's entry point: the Triton kernel on CUDA, torch._foreach_lerp_ plus grouping on CPU
              "triton" if device.type == "cuda" else "ema_": lambda: ema_(teacher, student, MOMENTUM)}

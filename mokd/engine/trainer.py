@@ -17,10 +17,10 @@ from mokd.data import MultiCropTransform, build_train_loader, dataset_for, datas
 from mokd.engine.checkpoint import CheckpointError, CheckpointManager
 from mokd.engine.metrics import MetricsLogger
 from mokd.engine.optim import build_optimizer, clip_gradients_, drop_last_layer_gradients_, set_schedule
+from mokd.engine.perf import apply_perf, teacher_update
 from mokd.engine.runtime import (autocast, autocast_dtype, peak_memory_bytes, resolve_device, restore_rng_state,
                                  rng_state, set_determinism)
-from mokd.kernels import ema_
-from mokd.method.mokd import Centres, MOKDObjective, StepLosses, Temperatures
+from mokd.method.mokd import Centres, MOKDObjective, StepLosses, Temperatures, untimed
 from mokd.method.pair import build_pair
 from mokd.method.schedules import ModelSchedules
 
@@ -62,18 +62,21 @@ class Trainer:
         self.last_step = min(self.total_steps, config.train.max_steps or self.total_steps)
 
         students, teachers = build_pair(config, self.dataset.channels)
-        self.students = tuple(student.to(self.device) for student in students)
-        self.teachers = tuple(teacher.to(self.device) for teacher in teachers)
+        self.students = tuple(apply_perf(student.to(self.device), config.perf) for student in students)
+        self.teachers = tuple(apply_perf(teacher.to(self.device), config.perf) for teacher in teachers)
         self.centres = Centres(config.head.out_dim).to(self.device)
         model_configs = (config.model1, config.model2)
         self.objective = MOKDObjective(config.loss, tuple(model.cross_weight for model in model_configs))
-        self.optimizers = [build_optimizer(student, model.optim) for student, model in zip(self.students, model_configs)]
+        self.optimizers = [build_optimizer(student, model.optim, config.perf.optimizer)
+                           for student, model in zip(self.students, model_configs)]
         fp16 = self.amp_dtype == torch.float16
         self.scalers = [torch.amp.GradScaler(self.device.type, enabled=fp16) for _ in model_configs]
         global_batch = config.train.batch_size  # times the world size once distributed
         self.schedules = [ModelSchedules(model, config.loss, self.total_steps, self.steps_per_epoch, global_batch)
                           for model in model_configs]
         self.teacher_pairs = [(list(t.parameters()), list(s.parameters())) for t, s in zip(self.teachers, self.students)]
+        self.update_teacher = teacher_update(config.perf)
+        self.phase = untimed  # the step's phase hook; a profiler installs a timer with set_phase_hook
 
         self.step = 0
         if latest is not None:
@@ -81,36 +84,50 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, self.last_step, self.step, show_progress)
 
     # ---- the step -------------------------------------------------------------------------------
+    def set_phase_hook(self, phase) -> None:
+        """phase(name) -> context manager, wrapped around each part of the step (here and in the objective)."""
+        self.phase = phase
+        self.objective.phase = phase
+
     def temperatures(self, step: int) -> tuple[Temperatures, Temperatures]:
         return tuple(Temperatures(s.student_temperature, float(s.teacher_temperature_self[step]),
                                   float(s.teacher_temperature_cross[step])) for s in self.schedules)
 
     def train_step(self, crops: list[torch.Tensor]) -> tuple[StepLosses, list[torch.Tensor]]:
-        step = self.step
-        for optimizer, schedule in zip(self.optimizers, self.schedules):
-            set_schedule(optimizer, float(schedule.lr[step]), float(schedule.weight_decay[step]))
-        crops = [crop.to(self.device, non_blocking=True) for crop in crops]
+        step, overlap = self.step, self.config.perf.overlap_centre_reduce
+        with self.phase("data"):
+            crops = [crop.to(self.device, non_blocking=True) for crop in crops]
 
         with autocast(self.device, self.amp_dtype):
             losses = self.objective(self.students, self.teachers, self.centres, crops, self.temperatures(step))
-        # L_1 depends only on student 1 and L_2 only on student 2: one backward trains both.
-        sum(scaler.scale(total) for scaler, total in zip(self.scalers, losses.totals)).backward()
+        with self.phase("centres"):  # overlapped: in flight during backward, optimiser and EMA
+            pending = Centres.start_all_reduce(losses.centre_sums, losses.centre_rows, async_op=True) if overlap else None
+        with self.phase("backward"):
+            # L_1 depends only on student 1 and L_2 only on student 2: one backward trains both.
+            sum(scaler.scale(total) for scaler, total in zip(self.scalers, losses.totals)).backward()
 
         grad_norms = []
-        for student, optimizer, scaler, schedule, model in zip(self.students, self.optimizers, self.scalers,
-                                                                self.schedules, (self.config.model1, self.config.model2)):
-            scaler.unscale_(optimizer)
-            grad_norms.append(clip_gradients_(student, model.optim.clip_grad))
-            if step < schedule.freeze_last_layer_steps:
-                drop_last_layer_gradients_(student.last_layers())
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+        with self.phase("optimizer"):
+            for student, optimizer, scaler, schedule, model in zip(self.students, self.optimizers, self.scalers,
+                                                                    self.schedules, (self.config.model1, self.config.model2)):
+                set_schedule(optimizer, float(schedule.lr[step]), float(schedule.weight_decay[step]))
+                scaler.unscale_(optimizer)
+                grad_norms.append(clip_gradients_(student, model.optim.clip_grad))
+                if step < schedule.freeze_last_layer_steps:
+                    drop_last_layer_gradients_(student.last_layers())
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
 
         with torch.no_grad():
-            for (teacher_params, student_params), schedule in zip(self.teacher_pairs, self.schedules):
-                ema_(teacher_params, student_params, float(schedule.teacher_momentum[step]))
-            self.centres.update(losses.centre_sums, losses.centre_rows, self.config.loss.centre_momentum)
+            with self.phase("ema"):
+                for (teacher_params, student_params), schedule in zip(self.teacher_pairs, self.schedules):
+                    self.update_teacher(teacher_params, student_params, float(schedule.teacher_momentum[step]))
+            with self.phase("centres"):
+                if pending is None:
+                    pending = Centres.start_all_reduce(losses.centre_sums, losses.centre_rows, async_op=False)
+                pending.wait()
+                self.centres.update(losses.centre_sums, losses.centre_rows, self.config.loss.centre_momentum)
         self.step += 1
         return losses, grad_norms
 

@@ -14,10 +14,12 @@ only on student 2: one backward of L_1 + L_2 trains both.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Callable, ContextManager, NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mokd.kernels import DinoCrossEntropyOutput, dino_cross_entropy, ema_
@@ -50,12 +52,38 @@ class Centres(nn.Module):
     def get(self, model: int, term: str) -> torch.Tensor:
         return self.values[self.row(model, term)]
 
+    @staticmethod
+    def start_all_reduce(column_sums: torch.Tensor, rows: torch.Tensor, async_op: bool) -> "PendingReduce":
+        """Sum this step's [6, K] teacher column sums over ranks, in place, as one flat buffer; rows scale by the
+        world size (every rank has the same batch). Without a process group it is a no-op. With async_op the
+        caller overlaps it with other work (backward, optimiser, EMA) and waits before `update`."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return PendingReduce(None)
+        rows.mul_(dist.get_world_size())
+        return PendingReduce(dist.all_reduce(column_sums, async_op=async_op))
+
     @torch.no_grad()
     def update(self, column_sums: torch.Tensor, rows: torch.Tensor, momentum: float) -> None:
         """c <- m c + (1 - m) mean_t for every centre whose term ran this step (rows > 0)."""
         for index in torch.nonzero(rows > 0).flatten().tolist():
             batch_mean = column_sums[index] / rows[index]
             ema_([self.values[index]], [batch_mean], momentum)
+
+
+class PendingReduce(NamedTuple):
+    work: Optional[dist.Work]  # None: nothing in flight (finished, or single process)
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+
+
+_UNTIMED = contextlib.nullcontext()
+
+
+def untimed(phase: str) -> ContextManager:
+    """The default phase hook: times nothing (a profiler installs its own, see mokd/engine/throughput.py)."""
+    return _UNTIMED
 
 
 class StepLosses(NamedTuple):
@@ -73,6 +101,8 @@ class MOKDObjective:
     def __init__(self, loss_config, cross_weights: tuple[float, float]) -> None:
         self.config = loss_config
         self.cross_weights = cross_weights
+        # phase(name) wraps each part of the computation (teacher_forward, student_forward, search, losses).
+        self.phase: Callable[[str], ContextManager] = untimed
 
     def uses_thead(self) -> bool:
         return self.config.self_thead or self.config.cross_search
@@ -97,24 +127,33 @@ class MOKDObjective:
         local_to_global: each local crop of student i queries teacher j's first global view.
         global_to_global: student global a queries teacher j's global b != a.
         """
-        teacher_globals = teacher_out.features[0]  # both global crops share one resolution group
-        tokens = teacher_globals.tokens
+        # The teacher saw the two global crops: one backbone pass for both, or one each (perf.grouped_crops=false);
+        # either way features[0] starts with the first global view and the rows are crop-major.
+        first, grid = teacher_out.features[0].tokens[:batch_size], teacher_out.features[0].grid
         if self.config.search_pairing == "local_to_global":
             rows = slice(2 * batch_size, n_crops * batch_size)
-            target_tokens = tokens[:batch_size].repeat(n_crops - 2, 1, 1)
+            target_tokens = first.repeat(n_crops - 2, 1, 1)
         else:
             rows = slice(0, 2 * batch_size)
-            target_tokens = torch.cat([tokens[batch_size:], tokens[:batch_size]])
+            tokens = torch.cat([feature.tokens for feature in teacher_out.features])
+            target_tokens = torch.cat([tokens[batch_size:2 * batch_size], first])
         query = student.thead.project_query(student_out.pooled[rows]).detach()
-        return teacher.thead(target_tokens, teacher_globals.grid, query=query), rows
+        return teacher.thead(target_tokens, grid, query=query), rows
 
     def __call__(self, students: tuple[Network, Network], teachers: tuple[Network, Network], centres: Centres,
                  crops: list[torch.Tensor], temperatures: tuple[Temperatures, Temperatures]) -> StepLosses:
         batch_size, n_crops = crops[0].shape[0], len(crops)
-        with torch.no_grad():
+        with self.phase("teacher_forward"), torch.no_grad():
             teacher_outs = [teacher(crops[:2]) for teacher in teachers]
-        student_outs = [student(crops) for student in students]
+        with self.phase("student_forward"):
+            student_outs = [student(crops) for student in students]
+        with self.phase("losses"):
+            return self._losses(students, teachers, centres, teacher_outs, student_outs, temperatures,
+                                batch_size, n_crops)
 
+    def _losses(self, students: tuple[Network, Network], teachers: tuple[Network, Network], centres: Centres,
+                teacher_outs: list[NetworkOutput], student_outs: list[NetworkOutput],
+                temperatures: tuple[Temperatures, Temperatures], batch_size: int, n_crops: int) -> StepLosses:
         totals, terms, entropy, kl = [], {}, {}, {}
         centre_sums = torch.zeros_like(centres.values)
         centre_rows = torch.zeros(centres.values.shape[0], device=centres.values.device)
@@ -134,11 +173,12 @@ class MOKDObjective:
                     results[term] = self._dino(mine.mlp_logits, other_teacher.mlp_logits, centres.get(i, "cm"),
                                                temps, temps.teacher_cross, batch_size)
                 else:
-                    targets, rows = self.search_targets(students[i], mine, teachers[j], other_teacher,
-                                                        batch_size, n_crops)
+                    with self.phase("search"):
+                        targets, rows = self.search_targets(students[i], mine, teachers[j], other_teacher,
+                                                            batch_size, n_crops)
                     results[term] = self._dino(mine.thead_logits[rows], targets, None, temps, temps.teacher_cross,
                                                batch_size, pairing="one_to_one")
-            total = torch.zeros((), device=crops[0].device)
+            total = torch.zeros((), device=centres.values.device)
             for term, result in results.items():
                 weight = self.cross_weights[i] if term in ("cm", "ct") else 1.0
                 total = total + weight * result.loss

@@ -15,7 +15,7 @@ class NetworkOutput(NamedTuple):
     pooled: torch.Tensor  # z for every crop, crops stacked crop-major: [S*B, C]
     mlp_logits: torch.Tensor  # h(z): [S*B, K]
     thead_logits: Optional[torch.Tensor]  # g(Z): [S*B, K], None without a T-Head
-    features: list[BackboneOutput]  # backbone output per resolution group, in crop order
+    features: list[BackboneOutput]  # backbone output per pass (resolution group or crop), in crop order
 
 
 def resolution_groups(crops: list[torch.Tensor]) -> list[tuple[int, int]]:
@@ -39,6 +39,8 @@ class Network(nn.Module):
         trainable_norm = model_config.trainable_last_layer_norm
         self.mlp_head = MLPHead(channels, head_config.out_dim, head_config.mlp_hidden_dim,
                                 head_config.mlp_bottleneck_dim, trainable_norm)
+        # One backbone pass per resolution group (true) or per crop (the official per-crop loop; perf.grouped_crops).
+        self.grouped_crops = True
         self.thead: Optional[THead] = None
         if with_thead:
             side = global_crop_size // patch_size(model_config)
@@ -52,7 +54,9 @@ class Network(nn.Module):
         return [head.last_layer for head in heads]
 
     def forward(self, crops: list[torch.Tensor]) -> NetworkOutput:
-        features = [self.backbone(torch.cat(crops[start:end])) for start, end in resolution_groups(crops)]
+        groups = resolution_groups(crops) if self.grouped_crops else [(i, i + 1) for i in range(len(crops))]
+        features = [self.backbone(crops[start] if end - start == 1 else torch.cat(crops[start:end]))
+                    for start, end in groups]
         pooled = torch.cat([feature.pooled for feature in features])
         mlp_logits = self.mlp_head(pooled)
         thead_logits = None

@@ -1,0 +1,35 @@
+"""The `perf` section applied to a run: network layout, attention, compilation and the teacher update.
+
+Each switch changes how a step runs, not what it computes (see mokd/config.py PerfConfig); the throughput
+profiler (mokd/engine/throughput.py) measures them one by one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from mokd.kernels import ema_, ema_per_tensor_
+from mokd.method.network import Network
+
+TeacherUpdate = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], float], None]
+
+
+def apply_perf(network: Network, perf) -> Network:
+    """Set a student's or teacher's execution switches in place (after it is on its device); returns it."""
+    network.grouped_crops = perf.grouped_crops
+    network.backbone.use_channels_last(perf.channels_last)
+    network.backbone.use_fused_attention(perf.fused_attention)
+    if perf.compile:
+        # In place (nn.Module.compile), so parameter names and state dicts stay those of the plain modules.
+        # The heads are compiled apart from the backbone: the T-Head also runs on the other model's tokens.
+        for module in (network.backbone, network.mlp_head, network.thead):
+            if module is not None:
+                module.compile()
+    return network
+
+
+def teacher_update(perf) -> TeacherUpdate:
+    """theta' <- m theta' + (1 - m) theta: the fused ema_ kernel, or DINO's per-tensor loop."""
+    return ema_ if perf.fused_ema else ema_per_tensor_
