@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from mokd.engine.runtime import peak_extra_bytes  # noqa: E402
 from mokd.kernels import dino_cross_entropy, ema_, ema_per_tensor_  # noqa: E402
 
 TAU_S, TAU_T, MOMENTUM = 0.1, 0.04, 0.996
@@ -69,30 +70,6 @@ def median_ms(fns: dict[str, Callable[[], None]], device: torch.device, repeats:
             _sync(device)
             times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def peak_extra_bytes(fn: Callable[[], None], device: torch.device) -> int | None:
-    """Peak bytes allocated during one call beyond what was live before it (see the module doc)."""
-    if device.type == "cuda":
-        _sync(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        fn()
-    live = peak = 0
-    for _, action, _, size in prof._memory_profile().timeline:
-        if action == Action.CREATE:
-            live += size
-        elif action == Action.DESTROY:
-            live -= size
-        peak = max(peak, live)
-    return peak
 
 
 def copy_gbps(device: torch.device, repeats: int) -> float:

@@ -26,7 +26,8 @@ def apply_perf(network: Network, perf) -> Network:
         # The heads are compiled apart from the backbone: the T-Head also runs on the other model's tokens.
         for module in (network.backbone, network.mlp_head, network.thead):
             if module is not None:
-                module.compile()
+                # Static shapes: each crop resolution gets its own specialised graph instead of one dynamic one.
+                module.compile(dynamic=False)
     return network
 
 

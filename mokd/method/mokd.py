@@ -137,7 +137,9 @@ class MOKDObjective:
             rows = slice(0, 2 * batch_size)
             tokens = torch.cat([feature.tokens for feature in teacher_out.features])
             target_tokens = torch.cat([tokens[batch_size:2 * batch_size], first])
-        query = student.thead.project_query(student_out.pooled[rows]).detach()
+        # Detached before the projection (same value): a no-grad view of a tensor that requires grad has no
+        # grad_fn, which module hooks such as FlopCounterMode's tracker cannot handle.
+        query = student.thead.project_query(student_out.pooled[rows].detach())
         return teacher.thead(target_tokens, grid, query=query), rows
 
     def __call__(self, students: tuple[Network, Network], teachers: tuple[Network, Network], centres: Centres,
