@@ -67,7 +67,9 @@ SWITCHES: dict[str, tuple[str, ...]] = {
 }
 
 
-# Switches the fast mode leaves off on CPU (measured on the demo pair, README "Profiling a pair").
+# Switches the fast mode leaves off on CPU. channels_last: no gain resolved on the demo pair on the shared 2-core
+# test machine (README "Profiling a pair"); compile: inductor's C++ compilation of both networks takes minutes
+# on 2 cores (a demo-pair compile had not finished after 8 minutes of wall time on the loaded machine).
 OFF_ON_CPU = ("channels_last", "compile")
 
 
@@ -162,13 +164,16 @@ def build_run(preset: str, mode: str, batch: int, device: torch.device, inputs: 
     settings = mode_settings(mode, device, compile)
     # The user's overrides apply on top of every mode (e.g. train.precision=fp32 to try fp32 in place of bf16).
     settings.update({key: value for key, value in (item.split("=", 1) for item in overrides) if key in settings})
-    forced = [f"{key}={_format(value)}" for key, value in settings.items()]
-    forced += [f"run_dir={run_dir / f'{preset}_{mode}_{batch}'}", f"train.batch_size={batch}",
+    mode_keys = [f"{key}={_format(value)}" for key, value in settings.items()]
+    harness = [f"run_dir={run_dir / f'{preset}_{mode}_{batch}'}", f"train.batch_size={batch}",
                f"train.device={device.type}", "checkpoint.enabled=false", "train.log_every=1000000",
-               "train.epochs=1000", "eval.knn_at_end=false"]
-    if inputs == "device":  # the loader is never iterated: one synthetic batch's worth of (lazy) images
-        forced += ["data.source=synthetic", f"data.synthetic_size={batch}", "data.num_workers=0"]
-    config = load_config(preset, forced[:len(settings)] + overrides + forced[len(settings):])
+               "eval.knn_at_end=false"]
+    if inputs == "device":
+        # The loader is never iterated: one batch of (lazily generated) synthetic images, so one step per epoch
+        # and enough epochs for the schedules to cover every step.
+        harness += ["data.source=synthetic", f"data.synthetic_size={batch}", "data.num_workers=0",
+                    "train.epochs=1000", "train.max_steps=0"]
+    config = load_config(preset, mode_keys + overrides + harness)
     start = time.perf_counter()
     trainer = Trainer(config, show_progress=False)
     channels = trainer.dataset.channels
@@ -297,16 +302,18 @@ def device_name(device: torch.device) -> str:
 
 
 def summarise(run: Run, peak_flops: float) -> dict[str, Any]:
-    step = statistics.median(run.step_s)
+    """The median step (by its phase-timed wall time) with its own phases, so that the parts shown add up to the
+    step shown; images/s from the median unsynchronised step (CPU: the same steps)."""
+    median_index = sorted(range(len(run.step_s)), key=run.step_s.__getitem__)[(len(run.step_s) - 1) // 2]
+    step, phases_s = run.step_s[median_index], run.phases_s[median_index]
     unsync = statistics.median(run.unsync_step_s) if run.unsync_step_s else step
-    phases = {name: statistics.median([p.get(name, 0.0) for p in run.phases_s]) for name in PHASES}
-    # Residual on the medians of each step's own residual, so that it is not an artefact of taking medians apart.
-    residuals = [(s - sum(p.values())) / s for s, p in zip(run.step_s, run.phases_s)]
+    phases = {name: phases_s.get(name, 0.0) for name in PHASES}
     return {
         "preset": run.preset, "mode": run.mode, "batch": run.batch, "settings": run.settings,
         "images_per_second": run.batch / unsync, "step_ms": unsync * 1e3, "profiled_step_ms": step * 1e3,
         "phases_ms": {name: value * 1e3 for name, value in phases.items()},
-        "residual_fraction": statistics.median(residuals),
+        "residual_fraction": (step - sum(phases.values())) / step,
+        "residual_fraction_max": max((s - sum(p.values())) / s for s, p in zip(run.step_s, run.phases_s)),
         "peak_memory_bytes": run.peak_memory_bytes, "flops_per_step": run.flops,
         "mfu": run.flops / unsync / peak_flops if peak_flops else None,
         "steps": len(run.step_s), "setup_s": run.setup_s,
@@ -391,6 +398,7 @@ def run_profiler(presets: list[str], batches: list[int], modes: list[str], *, de
         record["mfu"] = record["flops_per_step"] / (record["step_ms"] * 1e-3) / peak_flops
     result["environment"]["peak_flops"] = peak_flops
     result["environment"]["wall_s"] = time.perf_counter() - started
+    result["environment"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     if json_path is not None:
         write_json(result, json_path)
     return result
@@ -405,7 +413,7 @@ def format_record(record: dict[str, Any]) -> str:
     """One mode's block: throughput line, then the phases with their share of the step."""
     step = record["profiled_step_ms"]
     mfu = f"{100 * record['mfu']:.1f} %" if record["mfu"] is not None else "n/a"
-    lines = [f"{record['preset']} batch {record['batch']} {record['mode']}: {record['images_per_second']:.1f} img/s, "
+    lines = [f"{record['preset']} batch {record['batch']} {record['mode']}: {record['images_per_second']:.4g} img/s, "
              f"step {record['step_ms']:.1f} ms (phase-timed {step:.1f} ms), peak {record['peak_memory_bytes'] / 2**20:.0f} MiB, "
              f"{record['flops_per_step'] / 1e9:.2f} GFLOP/step, MFU {mfu}"]
     for name, ms in record["phases_ms"].items():
@@ -426,7 +434,7 @@ def format_comparison(result: dict[str, Any]) -> str:
         memory = f"{record['peak_memory_bytes'] / base['peak_memory_bytes']:.2f}" if base else "-"
         mfu = f"{100 * record['mfu']:.2f}" if record["mfu"] is not None else "-"
         rows.append(f"{record['preset']:<14} {record['batch']:>5} {record['mode']:<30} "
-                    f"{record['images_per_second']:>9.1f} {speed:>7} {record['peak_memory_bytes'] / 2**20:>9.0f} "
+                    f"{record['images_per_second']:>9.4g} {speed:>7} {record['peak_memory_bytes'] / 2**20:>9.0f} "
                     f"{memory:>7} {mfu:>6} {100 * record['residual_fraction']:>7.1f}")
     environment = result["environment"]
     rows.append(f"device: {environment['device']}; torch {environment['torch']}; load average "
