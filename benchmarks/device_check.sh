@@ -5,9 +5,13 @@
 #      checks of tests/test_kernels_triton_interpret.py, run on cuda tensors: odd K, B = 1, 2+10 crops, both
 #      pairings, fp32/bf16/fp16, strided layouts, mixed-dtype EMA groups);
 #   3. the kernel microbenchmarks at K = 65536, 2+10 crops, B 64/128/256, in bf16 (with the EMA) and in fp32
-#      (benchmarks/kernels.py refuses to time an implementation whose loss or gradient disagrees with the reference).
-# Usage on the device machine:  bash benchmarks/device_check.sh [all|kernels]   (results under $OUT, default
-# benchmarks/results; a section name runs that section alone)
+#      (benchmarks/kernels.py refuses to time an implementation whose loss or gradient disagrees with the reference);
+#   4. the pair-throughput profiler: R101-ViT-B then R50-ViT-S at 64 and 128 images per device, baseline and fast
+#      (torch.compile included), synthetic crops on the device, 3 warm-up + 5 timed steps; one JSON, one log.
+#      Budget: about 4 minutes. Groups not started within 200 s are skipped (noted in the JSON) and the step is cut
+#      at 280 s; the JSON is rewritten after every group, so what finished is kept.
+# Usage on the device machine:  bash benchmarks/device_check.sh [all|kernels|throughput]   (results under $OUT,
+# default benchmarks/results; a section name runs that section alone)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -41,6 +45,10 @@ if [[ $section == all || $section == kernels ]]; then
     --local-crops 10 --json "$OUT/kernels_cuda_bf16.json"
   step kernels_cuda_fp32 python3 benchmarks/kernels.py --device cuda --dtype fp32 --batch 64 128 256 --dim 65536 \
     --local-crops 10 --ops dino_ce --json "$OUT/kernels_cuda_fp32.json"
+fi
+if [[ $section == all || $section == throughput ]]; then
+  step throughput timeout 280 python3 benchmarks/throughput.py --preset r101_vit_b,r50_vit_s --batch 128,64 \
+    --modes baseline,fast --warmup 3 --steps 5 --time-budget 200 --json "$OUT/throughput_cuda.json"
 fi
 
 if ((${#failed[@]})); then echo "FAILED: ${failed[*]}"; exit 1; fi

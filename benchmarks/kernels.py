@@ -36,7 +36,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from mokd.kernels import EmaPlan, dino_cross_entropy  # noqa: E402
+from mokd.engine.runtime import peak_extra_bytes  # noqa: E402
+from mokd.kernels import EmaPlan, dino_cross_entropy, ema_per_tensor_  # noqa: E402
 
 TAU_S, TAU_T, MOMENTUM = 0.1, 0.04, 0.996
 # What each op's speed-up is measured against: the literal DINO loss, and DINO's per-tensor EMA loop.
@@ -69,30 +70,6 @@ def median_ms(fns: dict[str, Callable[[], None]], device: torch.device, repeats:
             _sync(device)
             times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def peak_extra_bytes(fn: Callable[[], None], device: torch.device) -> int | None:
-    """Peak bytes allocated during one call beyond what was live before it (see the module doc)."""
-    if device.type == "cuda":
-        _sync(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        fn()
-    live = peak = 0
-    for _, action, _, size in prof._memory_profile().timeline:
-        if action == Action.CREATE:
-            live += size
-        elif action == Action.DESTROY:
-            live -= size
-        peak = max(peak, live)
-    return peak
 
 
 def copy_gbps(device: torch.device, repeats: int) -> float:
@@ -223,10 +200,6 @@ def bench_ema(args, device, copy_bw):
     n_params = sum(t.numel() for t in teacher)
     moved = 3 * n_params * 4
 
-    def dino_loop():  # DINO's update, one tensor at a time
-        for t, s in zip(teacher, student):
-            t.mul_(MOMENTUM).add_((1 - MOMENTUM) * s.detach())
-
     def foreach_mul_add():
         torch._foreach_mul_(teacher, MOMENTUM)
         torch._foreach_add_(teacher, student, alpha=1 - MOMENTUM)
@@ -234,7 +207,7 @@ def bench_ema(args, device, copy_bw):
     # mokd's EMA as the trainer runs it: the plan (grouping, device pointer tables) is built once, then each
     # step is one update: the Triton kernel on CUDA, torch._foreach_lerp_ on CPU.
     plan = EmaPlan(teacher, student)
-    impls = {"dino_loop": dino_loop, "foreach_mul_add": foreach_mul_add,
+    impls = {"dino_loop": lambda: ema_per_tensor_(teacher, student, MOMENTUM), "foreach_mul_add": foreach_mul_add,
              "foreach_lerp": lambda: torch._foreach_lerp_(teacher, student, 1 - MOMENTUM),
              "triton" if device.type == "cuda" else "ema_plan": lambda: plan.update(MOMENTUM)}
     times = median_ms(impls, device, args.repeats, args.warmup)

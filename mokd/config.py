@@ -136,6 +136,26 @@ class TrainConfig:
 
 
 @dataclass
+class PerfConfig:
+    """Speed switches. Each changes how a step runs, not what it computes (up to floating-point rounding;
+    grouped_crops=false also changes BatchNorm's batch statistics, which then cover one crop)."""
+
+    grouped_crops: bool = option(True, "one backbone pass per crop resolution (false: one pass per crop, as "
+                                 "in the official code's per-crop loop)")
+    fused_ema: bool = option(True, "teacher EMA through the fused ema_ kernel (false: DINO's per-tensor loop)")
+    optimizer: str = option("foreach", "optimiser implementation for sgd/adamw: loop (one tensor at a time) | "
+                            "foreach (multi-tensor) | fused (one kernel; CUDA, CPU); LARS always loops")
+    channels_last: bool = option(False, "ResNet weights and inputs in channels_last (NHWC) memory format")
+    fused_attention: bool = option(True, "ViT backbones attend through scaled_dot_product_attention "
+                                   "(FlashAttention-2 on CUDA); false: explicit softmax(QK^T)V. The T-Head's "
+                                   "attention is head.attention")
+    compile: bool = option(False, "torch.compile the backbones and heads of students and teachers (the first "
+                           "steps pay the compilation)")
+    overlap_centre_reduce: bool = option(True, "start the centres' all-reduce right after the losses, finish it "
+                                         "after the optimiser and EMA (distributed runs)")
+
+
+@dataclass
 class CheckpointConfig:
     enabled: bool = option(True, "write checkpoints (off only for throwaway runs such as smoke tests)")
     every_steps: int = option(0, "steps between checkpoints (0: at the end of every epoch)")
@@ -151,8 +171,6 @@ class ParallelConfig:
     backend: str = option("auto", "process-group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo")
     reshard_after_forward: bool = option(True, "fsdp: free the gathered parameters after each block's forward "
                                          "(less memory, one more all-gather in backward)")
-    async_centre_all_reduce: bool = option(True, "start the all-reduce of the six centres right after the losses "
-                                           "and wait for it only before the centre update (overlaps backward)")
     timeout_minutes: int = option(30, "collective timeout: a rank stuck longer than this aborts the job")
 
 
@@ -193,6 +211,7 @@ class MOKDConfig:
     loss: LossConfig = section(LossConfig, "loss switches and momenta")
     data: DataConfig = section(DataConfig, "training data and multi-crop")
     train: TrainConfig = section(TrainConfig, "training loop")
+    perf: PerfConfig = section(PerfConfig, "speed switches (see `mokd bench throughput`)")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpointing and resume")
     parallel: ParallelConfig = section(ParallelConfig, "distribution over processes: strategy, ZeRO stage")
     eval: EvalConfig = section(EvalConfig, "evaluation")
@@ -210,6 +229,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.device": ("auto", "cpu", "cuda"),
     "parallel.strategy": ("single", "ddp", "fsdp", "deepspeed"),
     "parallel.backend": ("auto", "nccl", "gloo"),
+    "perf.optimizer": ("loop", "foreach", "fused"),
 }
 
 

@@ -51,13 +51,21 @@ class LARS(torch.optim.Optimizer):
                 parameter.add_(buffer, alpha=-group["lr"])
 
 
-def build_optimizer(model: nn.Module, optim_config) -> torch.optim.Optimizer:
+IMPLEMENTATIONS = {"loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+
+
+def build_optimizer(model: nn.Module, optim_config, implementation: str = "foreach") -> torch.optim.Optimizer:
+    """The student's optimiser; `implementation` (perf.optimizer) picks torch's per-tensor loop, multi-tensor
+    (foreach) or single-kernel (fused) update for sgd and adamw. LARS has its own per-tensor step."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"optimiser implementation {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}")
     groups = parameter_groups(model)
+    flavour = IMPLEMENTATIONS[implementation]
     # lr and weight decay are set by the schedules before every step.
     if optim_config.name == "adamw":
-        return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, foreach=True)
+        return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, **flavour)
     if optim_config.name == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=optim_config.momentum, weight_decay=0.0, foreach=True)
+        return torch.optim.SGD(groups, lr=0.0, momentum=optim_config.momentum, weight_decay=0.0, **flavour)
     if optim_config.name == "lars":
         return LARS(groups, momentum=optim_config.momentum)
     raise ValueError(f"optim.name={optim_config.name!r} is not one of sgd, lars, adamw")

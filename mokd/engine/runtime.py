@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 import resource
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -69,3 +69,31 @@ def seed_rng_for_rank(seed: int, step: int, rank: int) -> None:
     random.seed(derived)
     np.random.seed(derived)
     torch.manual_seed(derived)
+
+
+def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes allocated during one call of fn beyond what was live before it, outputs included.
+
+    CUDA: the allocator's peak minus the allocation before the call. CPU: replayed from torch.profiler's memory
+    timeline (every tensor CREATE/DESTROY of the call, profile_memory=True); RSS cannot be used, because glibc
+    keeps freed pages and a later call reuses them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    live = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        peak = max(peak, live)
+    return peak

@@ -22,10 +22,11 @@ from mokd.engine.checkpoint import META_FILE, TEACHERS_FILE, CheckpointError, Ch
 from mokd.engine.distributed import CentreSync, World, all_reduce_mean, init_world
 from mokd.engine.metrics import MetricsLogger
 from mokd.engine.optim import build_optimizer
+from mokd.engine.perf import apply_perf
 from mokd.engine.runtime import (autocast, autocast_dtype, peak_memory_bytes, resolve_device, restore_rng_state,
                                  rng_state, seed_rng_for_rank, set_determinism)
 from mokd.engine.strategies import build_strategy
-from mokd.method.mokd import Centres, MOKDObjective, StepLosses, Temperatures
+from mokd.method.mokd import Centres, MOKDObjective, StepLosses, Temperatures, untimed
 from mokd.method.network import Network
 from mokd.method.pair import build_network, build_pair
 from mokd.method.schedules import ModelSchedules
@@ -80,11 +81,14 @@ class Trainer:
         model_configs = (config.model1, config.model2)
         self.objective = MOKDObjective(config.loss, tuple(model.cross_weight for model in model_configs))
         self.strategy = build_strategy(config, self.world, self.amp_dtype)
-        self.strategy.setup(tuple(s.to(self.device) for s in students), tuple(t.to(self.device) for t in teachers),
-                            lambda network, i: build_optimizer(network, model_configs[i].optim))
+        self.strategy.setup(tuple(apply_perf(s.to(self.device), config.perf) for s in students),
+                            tuple(apply_perf(t.to(self.device), config.perf) for t in teachers),
+                            lambda network, i: build_optimizer(network, model_configs[i].optim, config.perf.optimizer))
         global_batch = config.train.batch_size * self.world.world_size
         self.schedules = [ModelSchedules(model, config.loss, self.total_steps, self.steps_per_epoch, global_batch)
                           for model in model_configs]
+
+        self.phase = untimed  # the step's phase hook; a profiler installs a timer with set_phase_hook
 
         self.step = 0
         if latest is not None:
@@ -101,29 +105,43 @@ class Trainer:
     def teachers(self) -> tuple:
         return self.strategy.teacher_networks
 
+    @property
+    def optimizers(self) -> list:
+        return self.strategy.optimizers
+
     # ---- the step -------------------------------------------------------------------------------
+    def set_phase_hook(self, phase) -> None:
+        """phase(name) -> context manager, wrapped around each part of the step (here and in the objective)."""
+        self.phase = phase
+        self.objective.phase = phase
+
     def temperatures(self, step: int) -> tuple[Temperatures, Temperatures]:
         return tuple(Temperatures(s.student_temperature, float(s.teacher_temperature_self[step]),
                                   float(s.teacher_temperature_cross[step])) for s in self.schedules)
 
     def train_step(self, crops: list[torch.Tensor]) -> tuple[StepLosses, list[torch.Tensor]]:
-        step, strategy = self.step, self.strategy
+        step, strategy, phase = self.step, self.strategy, self.phase
         frozen = [step < schedule.freeze_last_layer_steps for schedule in self.schedules]
-        for i, schedule in enumerate(self.schedules):
-            strategy.set_schedule(i, float(schedule.lr[step]), float(schedule.weight_decay[step]), frozen[i])
-        crops = [crop.to(self.device, non_blocking=True) for crop in crops]
+        with phase("data"):
+            crops = [crop.to(self.device, non_blocking=True) for crop in crops]
 
         with autocast(self.device, self.amp_dtype):
             losses = self.objective(strategy.students, strategy.teachers, self.centres, crops, self.temperatures(step))
-        # One flat all-reduce of the six centres' statistics, overlapping the backward when async.
-        centre_sync = CentreSync(losses.centre_sums, losses.centre_rows, self.config.parallel.async_centre_all_reduce)
-        strategy.backward(losses.totals)
-        grad_norms = [strategy.optimizer_step(i, model.optim.clip_grad, frozen[i])
-                      for i, model in enumerate((self.config.model1, self.config.model2))]
+        with phase("centres"):  # one flat all-reduce of the six centres' statistics; in flight during backward
+            centre_sync = CentreSync(losses.centre_sums, losses.centre_rows, self.config.perf.overlap_centre_reduce)
+        with phase("backward"):
+            strategy.backward(losses.totals)
+        with phase("optimizer"):
+            grad_norms = []
+            for i, (schedule, model) in enumerate(zip(self.schedules, (self.config.model1, self.config.model2))):
+                strategy.set_schedule(i, float(schedule.lr[step]), float(schedule.weight_decay[step]), frozen[i])
+                grad_norms.append(strategy.optimizer_step(i, model.optim.clip_grad, frozen[i]))
 
         with torch.no_grad():
-            strategy.update_teachers([float(schedule.teacher_momentum[step]) for schedule in self.schedules])
-            self.centres.update(*centre_sync.wait(), self.config.loss.centre_momentum)
+            with phase("ema"):
+                strategy.update_teachers([float(schedule.teacher_momentum[step]) for schedule in self.schedules])
+            with phase("centres"):
+                self.centres.update(*centre_sync.wait(), self.config.loss.centre_momentum)
         self.step += 1
         return losses, grad_norms
 

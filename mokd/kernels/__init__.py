@@ -2,6 +2,6 @@
 
 from mokd.kernels.attention import attention
 from mokd.kernels.dino_cross_entropy import DinoCrossEntropyOutput, dino_cross_entropy
-from mokd.kernels.ema import EmaPlan, ema_
+from mokd.kernels.ema import EmaPlan, ema_, ema_per_tensor_
 
-__all__ = ["DinoCrossEntropyOutput", "EmaPlan", "attention", "dino_cross_entropy", "ema_"]
+__all__ = ["DinoCrossEntropyOutput", "EmaPlan", "attention", "dino_cross_entropy", "ema_", "ema_per_tensor_"]

@@ -1,4 +1,4 @@
-"""The `mokd` command line: train, eval (knn, linear, finetune, analyse), export, shards, plan, presets."""
+"""The `mokd` command line: train, eval (knn, linear, finetune, analyse), export, shards, plan, bench, presets."""
 
 from __future__ import annotations
 
@@ -32,6 +32,11 @@ def options_summary() -> str:
 
 def _formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _names(text: str) -> list[str]:
+    """A comma-separated list argument (not nargs='+', which would swallow the key=value overrides after it)."""
+    return [item for item in text.split(",") if item]
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, example_override: str) -> None:
@@ -135,8 +140,60 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where the run will train (sets the autocast dtype of train.precision=auto)")
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. train.batch_size=32")
 
+    bench = commands.add_parser("bench", formatter_class=_formatter, help="profile the training step of a pair")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    throughput = benches.add_parser(
+        "throughput", formatter_class=_formatter, help="images/s, step breakdown, peak memory, MFU per mode",
+        description="Run the full MOKD training step of preset pairs in several modes (baseline: the official "
+                    "code's way; fast: every perf switch on; baseline+SWITCH: one switch alone) and print images/s, "
+                    "the step's phases, peak memory, FLOPs (torch.utils.flop_counter) and MFU. See README, "
+                    "'Profiling a pair'.")
+    throughput.add_argument("--preset", type=_names, default=[DEFAULT_PRESET],
+                            help="comma-separated preset names or YAML paths")
+    throughput.add_argument("--batch", type=lambda text: [int(b) for b in _names(text)], default=[64],
+                            help="comma-separated images per device per step, e.g. 64,128")
+    throughput.add_argument("--modes", type=_names, default=["baseline", "fast"],
+                            help="comma-separated; each baseline or fast, then any +SWITCH / -SWITCH, e.g. baseline+ema fast-compile (SWITCH: "
+                                 "precision, loss_kernel, attention, ema, optimizer, channels_last, compile, "
+                                 "grouped_crops, overlap_centre_reduce)")
+    throughput.add_argument("--switches", choices=("added", "removed"), default=None,
+                            help="also run every switch alone: added = baseline+SWITCH, removed = fast-SWITCH")
+    throughput.add_argument("--inputs", choices=("device", "loader"), default="device",
+                            help="device: synthetic crops already on the device (pure compute); loader: the real "
+                                 "data loader (end to end)")
+    throughput.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    throughput.add_argument("--no-compile", action="store_true", help="fast mode without torch.compile")
+    throughput.add_argument("--warmup", type=int, default=3, help="untimed steps per mode (compilation included)")
+    throughput.add_argument("--steps", type=int, default=5, help="timed steps per mode (medians reported)")
+    throughput.add_argument("--interleave", choices=("auto", "on", "off"), default="auto",
+                            help="alternate the modes step by step (auto: on CPU, where the load is shared)")
+    throughput.add_argument("--time-budget", type=float, default=0.0, help="seconds; skip groups not started by then")
+    throughput.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
+    throughput.add_argument("--json", type=Path, default=None, help="write the records to this JSON file")
+    throughput.add_argument("--trace", type=Path, default=None, help="write a Chrome/Perfetto trace per mode here")
+    throughput.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.n_local_crops=6")
+
     commands.add_parser("presets", help="list the presets")
     return parser
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from mokd.engine.throughput import SWITCHES, format_comparison, run_profiler
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    extra = {"added": [f"baseline+{name}" for name in SWITCHES], "removed": [f"fast-{name}" for name in SWITCHES],
+             None: []}[args.switches]
+    modes = list(dict.fromkeys(args.modes + extra))
+    interleave = {"auto": None, "on": True, "off": False}[args.interleave]
+    result = run_profiler(args.preset, args.batch, modes, device=args.device, inputs=args.inputs,
+                          compile=not args.no_compile, warmup=args.warmup, steps=args.steps,
+                          overrides=args.overrides, json_path=args.json, trace_dir=args.trace,
+                          interleave=interleave, time_budget_s=args.time_budget)
+    print(format_comparison(result))
+    return 0
 
 
 def train_command(preset: str, overrides: list[str], show_progress: bool) -> int:
@@ -235,6 +292,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             return plan_command(args)
         if args.command == "shards":
             return shards_command(args)
+
+        if args.command == "bench":
+            return bench_command(args)
         print(preset_summary())
         return 0
     except (ConfigError, FileNotFoundError, CheckpointError, ValueError) as error:

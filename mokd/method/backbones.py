@@ -83,8 +83,24 @@ class Backbone(nn.Module):
         self.in_chans = in_chans
         self.net = create_timm_model(model_config, in_chans, image_size, drop_path)
         self.num_features: int = self.net.num_features
+        self.channels_last = False
+
+    def use_channels_last(self, enabled: bool) -> None:
+        """ResNets: weights and inputs in NHWC, the layout tensor-core convolutions read directly. ViTs: no-op."""
+        if self.is_vit:
+            return
+        self.channels_last = enabled
+        self.net.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+
+    def use_fused_attention(self, enabled: bool) -> None:
+        """ViTs: timm's attention through scaled_dot_product_attention, or the explicit softmax(QK^T)V."""
+        for module in self.net.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = enabled
 
     def forward(self, images: torch.Tensor) -> BackboneOutput:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         features = self.net.forward_features(images)
         if self.is_vit:
             prefix = self.net.num_prefix_tokens

@@ -14,14 +14,15 @@ only on student 2: one backward of L_1 + L_2 trains both.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, ContextManager, NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from mokd.kernels import DinoCrossEntropyOutput, dino_cross_entropy, ema_
-from mokd.method.network import SearchRequest, searched_rows
+from mokd.method.network import NetworkOutput, search_request, searched_rows
 
 TERMS = ("sm", "st", "cm", "ct")
 CENTRED_TERMS = ("sm", "st", "cm")
@@ -58,6 +59,14 @@ class Centres(nn.Module):
             ema_([self.values[index]], [batch_mean], momentum)
 
 
+_UNTIMED = contextlib.nullcontext()
+
+
+def untimed(phase: str) -> ContextManager:
+    """The default phase hook: times nothing (a profiler installs its own, see mokd/engine/throughput.py)."""
+    return _UNTIMED
+
+
 class StepLosses(NamedTuple):
     totals: list[torch.Tensor]  # L_1, L_2 (differentiable)
     terms: dict[str, torch.Tensor]  # "model1/sm" ... (detached)
@@ -73,6 +82,8 @@ class MOKDObjective:
     def __init__(self, loss_config, cross_weights: tuple[float, float]) -> None:
         self.config = loss_config
         self.cross_weights = cross_weights
+        # phase(name) wraps each part of the computation (student_forward, teacher_forward, search, losses).
+        self.phase: Callable[[str], ContextManager] = untimed
 
     def uses_thead(self) -> bool:
         return self.config.self_thead or self.config.cross_search
@@ -92,17 +103,25 @@ class MOKDObjective:
     def __call__(self, students: tuple[Callable, Callable], teachers: tuple[Callable, Callable], centres: Centres,
                  crops: list[torch.Tensor], temperatures: tuple[Temperatures, Temperatures]) -> StepLosses:
         batch_size, n_crops = crops[0].shape[0], len(crops)
-        student_outs = [student(crops) for student in students]
-        # Teacher j sees the globals, and searches with student i's queries when L_ct,i runs (i = 1 - j).
+        with self.phase("student_forward"):
+            student_outs = [student(crops) for student in students]
+        with self.phase("teacher_forward"), torch.no_grad():
+            teacher_outs = [teacher(crops[:2]) for teacher in teachers]
+        # L_ct,i: student i's queries search teacher j's global token maps through teacher j's T-Head.
         rows = searched_rows(self.config.search_pairing, batch_size, n_crops)
-        with torch.no_grad():
-            teacher_outs = []
-            for j, teacher in enumerate(teachers):
-                searching = "ct" in self.active_terms(1 - j)
-                request = (SearchRequest(student_outs[1 - j].queries[rows], self.config.search_pairing, n_crops)
-                           if searching else None)
-                teacher_outs.append(teacher(crops[:2], search=request))
+        search_logits: list[Optional[torch.Tensor]] = [None, None]
+        with self.phase("search"), torch.no_grad():
+            for i in (0, 1):
+                if "ct" in self.active_terms(i):
+                    request = search_request(teacher_outs[1 - i], student_outs[i].queries[rows],
+                                             self.config.search_pairing, batch_size, n_crops)
+                    search_logits[i] = teachers[1 - i](search=request)
+        with self.phase("losses"):
+            return self._losses(centres, teacher_outs, student_outs, search_logits, rows, temperatures, batch_size)
 
+    def _losses(self, centres: Centres, teacher_outs: list[NetworkOutput], student_outs: list[NetworkOutput],
+                search_logits: list[Optional[torch.Tensor]], rows: slice,
+                temperatures: tuple[Temperatures, Temperatures], batch_size: int) -> StepLosses:
         totals, terms, entropy, kl = [], {}, {}, {}
         centre_sums = torch.zeros_like(centres.values)
         centre_rows = torch.zeros(centres.values.shape[0], device=centres.values.device)
@@ -122,9 +141,9 @@ class MOKDObjective:
                     results[term] = self._dino(mine.mlp_logits, other_teacher.mlp_logits, centres.get(i, "cm"),
                                                temps, temps.teacher_cross, batch_size)
                 else:
-                    results[term] = self._dino(mine.thead_logits[rows], other_teacher.search_logits, None, temps,
+                    results[term] = self._dino(mine.thead_logits[rows], search_logits[i], None, temps,
                                                temps.teacher_cross, batch_size, pairing="one_to_one")
-            total = torch.zeros((), device=crops[0].device)
+            total = torch.zeros((), device=centres.values.device)
             for term, result in results.items():
                 weight = self.cross_weights[i] if term in ("cm", "ct") else 1.0
                 total = total + weight * result.loss

@@ -15,20 +15,17 @@ class NetworkOutput(NamedTuple):
     pooled: torch.Tensor  # z for every crop, crops stacked crop-major: [S*B, C]
     mlp_logits: torch.Tensor  # h(z): [S*B, K]
     thead_logits: Optional[torch.Tensor]  # g(Z): [S*B, K], None without a T-Head
-    features: list[BackboneOutput]  # backbone output per resolution group, in crop order
+    features: list[BackboneOutput]  # backbone output per pass (resolution group or crop), in crop order
     queries: Optional[torch.Tensor]  # q = P(z), detached: what this model sends into the other's T-Head [S*B, D]
-    search_logits: Optional[torch.Tensor]  # g([q ; Z(globals)]) for a SearchRequest's queries, else None
 
 
 class SearchRequest(NamedTuple):
-    """The other student's queries for a feature search in this network's T-Head (L_ct of the other model).
+    """A feature search in this network's T-Head: the other student's queries, each prepended to the token
+    map it searches (from this network's own forward over the global crops)."""
 
-    local_to_global: each local crop's query searches this network's first global view;
-    global_to_global: global a's query searches global b != a."""
-
-    queries: torch.Tensor  # the other student's queries for the searched crops, crop-major
-    pairing: str  # "local_to_global" | "global_to_global"
-    n_crops: int  # crops of the other student (2 globals + locals)
+    queries: torch.Tensor  # [R, D]
+    tokens: torch.Tensor  # [R, N, C]
+    grid: tuple[int, int]
 
 
 def searched_rows(pairing: str, batch_size: int, n_crops: int) -> slice:
@@ -36,11 +33,16 @@ def searched_rows(pairing: str, batch_size: int, n_crops: int) -> slice:
     return slice(2 * batch_size, n_crops * batch_size) if pairing == "local_to_global" else slice(0, 2 * batch_size)
 
 
-def search_tokens(global_tokens: torch.Tensor, batch_size: int, request: SearchRequest) -> torch.Tensor:
-    """The token maps the queries search, row for row: global 1 repeated per local crop, or the swapped globals."""
-    if request.pairing == "local_to_global":
-        return global_tokens[:batch_size].repeat(request.n_crops - 2, 1, 1)
-    return torch.cat([global_tokens[batch_size:], global_tokens[:batch_size]])
+def search_request(teacher_out: NetworkOutput, queries: torch.Tensor, pairing: str, batch_size: int,
+                   n_crops: int) -> SearchRequest:
+    """Row for row, the token map each query searches: local_to_global, the teacher's first global view for
+    every local crop's query; global_to_global, global b for the query of global a != b."""
+    globals_ = torch.cat([feature.tokens for feature in teacher_out.features])[:2 * batch_size]
+    if pairing == "local_to_global":
+        tokens = globals_[:batch_size].repeat(n_crops - 2, 1, 1)
+    else:
+        tokens = torch.cat([globals_[batch_size:], globals_[:batch_size]])
+    return SearchRequest(queries, tokens, teacher_out.features[0].grid)
 
 
 def resolution_groups(crops: list[torch.Tensor]) -> list[tuple[int, int]]:
@@ -64,6 +66,8 @@ class Network(nn.Module):
         trainable_norm = model_config.trainable_last_layer_norm
         self.mlp_head = MLPHead(channels, head_config.out_dim, head_config.mlp_hidden_dim,
                                 head_config.mlp_bottleneck_dim, trainable_norm)
+        # One backbone pass per resolution group (true) or per crop (the official per-crop loop; perf.grouped_crops).
+        self.grouped_crops = True
         self.thead: Optional[THead] = None
         if with_thead:
             side = global_crop_size // patch_size(model_config)
@@ -76,18 +80,21 @@ class Network(nn.Module):
         heads = [self.mlp_head] + ([self.thead] if self.thead is not None else [])
         return [head.last_layer for head in heads]
 
-    def forward(self, crops: list[torch.Tensor], search: Optional[SearchRequest] = None) -> NetworkOutput:
-        """Every use of the parameters happens here, inside the module's forward, so that wrappers that gather
-        parameters around the forward (FSDP2, ZeRO-3) or track their use (DDP) see all of it."""
-        features = [self.backbone(torch.cat(crops[start:end])) for start, end in resolution_groups(crops)]
+    def forward(self, crops: Optional[list[torch.Tensor]] = None,
+                search: Optional[SearchRequest] = None) -> NetworkOutput | torch.Tensor:
+        """The multi-crop forward (crops), or a feature search in the T-Head (search: returns its logits).
+
+        Every use of the parameters goes through this method, so that wrappers that gather parameters around
+        the forward (FSDP2, ZeRO-3) or track their use (DDP) see all of it."""
+        if search is not None:
+            return self.thead(search.tokens, search.grid, query=search.queries)
+        groups = resolution_groups(crops) if self.grouped_crops else [(i, i + 1) for i in range(len(crops))]
+        features = [self.backbone(crops[start] if end - start == 1 else torch.cat(crops[start:end]))
+                    for start, end in groups]
         pooled = torch.cat([feature.pooled for feature in features])
         mlp_logits = self.mlp_head(pooled)
-        thead_logits = queries = search_logits = None
+        thead_logits = queries = None
         if self.thead is not None:
             thead_logits = torch.cat([self.thead(feature.tokens, feature.grid) for feature in features])
             queries = self.thead.project_query(pooled).detach()  # queries carry no gradient into the other model
-            if search is not None:
-                globals_ = features[0]  # the two global crops share the first resolution group
-                tokens = search_tokens(globals_.tokens, crops[0].shape[0], search)
-                search_logits = self.thead(tokens, globals_.grid, query=search.queries)
-        return NetworkOutput(pooled, mlp_logits, thead_logits, features, queries, search_logits)
+        return NetworkOutput(pooled, mlp_logits, thead_logits, features, queries)

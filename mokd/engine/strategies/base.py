@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from mokd.engine.distributed import World
 from mokd.engine.optim import clip_gradients_, drop_last_layer_gradients_, set_schedule
-from mokd.kernels import EmaPlan
+from mokd.kernels import EmaPlan, ema_per_tensor_
 
 OptimizerFactory = Callable[[nn.Module, int], torch.optim.Optimizer]
 
@@ -53,8 +53,13 @@ class Strategy:
         self.teacher_networks = tuple(teachers)
         self.students, self.teachers = self.wrap(self.networks, self.teacher_networks)
         self.optimizers = [make_optimizer(network, i) for i, network in enumerate(self.networks)]
-        self.teacher_emas = [EmaPlan(self.local_tensors(t), self.local_tensors(s))
-                             for t, s in zip(self.teacher_networks, self.networks)]
+        self.prepare_teacher_updates()
+
+    def prepare_teacher_updates(self) -> None:
+        """Pair each teacher's local tensors with its student's, once (fused: one EmaPlan per model)."""
+        self.teacher_pairs = [(self.local_tensors(t), self.local_tensors(s))
+                              for t, s in zip(self.teacher_networks, self.networks)]
+        self.teacher_emas = [EmaPlan(targets, sources) for targets, sources in self.teacher_pairs]
 
     def wrap(self, students, teachers) -> tuple[tuple, tuple]:
         return students, teachers
@@ -87,8 +92,12 @@ class Strategy:
 
     @torch.no_grad()
     def update_teachers(self, momenta: list[float]) -> None:
-        for plan, momentum in zip(self.teacher_emas, momenta):
-            plan.update(momentum)
+        """Shard-local EMA: the fused kernel (perf.fused_ema), or DINO's per-tensor loop."""
+        for (targets, sources), plan, momentum in zip(self.teacher_pairs, self.teacher_emas, momenta):
+            if self.config.perf.fused_ema:
+                plan.update(momentum)
+            else:
+                ema_per_tensor_(targets, sources, momentum)
 
     # ---- checkpoints: DCP (reshardable across world sizes and strategies single/ddp/fsdp) --------
     def _dcp_state(self) -> dict:

@@ -24,7 +24,6 @@ from mokd.engine.batchnorm import convert_to_global_batchnorm
 from mokd.engine.checkpoint import load_teachers_file
 from mokd.engine.optim import set_schedule
 from mokd.engine.strategies.base import Strategy, tensor_bytes
-from mokd.kernels import EmaPlan
 
 
 class DeepSpeedStrategy(Strategy):
@@ -68,14 +67,13 @@ class DeepSpeedStrategy(Strategy):
         else:
             self.teachers = self.teacher_networks
         self.optimizers = [engine.optimizer for engine in self.engines]
-        self.teacher_emas = []
         for teacher, student in zip(self.teacher_networks, self.networks):
             targets, sources = self.local_tensors(teacher), self.local_tensors(student)
             for (name, _), target, source in zip(teacher.named_parameters(), targets, sources):
                 if target.shape != source.shape:
                     raise RuntimeError(f"ZeRO partitioned teacher and student differently at {name}: "
                                        f"{tuple(target.shape)} vs {tuple(source.shape)}")
-            self.teacher_emas.append(EmaPlan(targets, sources))
+        self.prepare_teacher_updates()
 
     def local_tensors(self, module: nn.Module) -> list[torch.Tensor]:
         if self.stage == 3:
