@@ -113,7 +113,7 @@ def test_switches_change_what_runs(tmp_path):
     config = tiny_config(tmp_path, extra=["checkpoint.enabled=false", *settings_overrides("baseline")])
     baseline = Trainer(config, show_progress=False)
     fast_config = tiny_config(tmp_path / "fast", extra=["checkpoint.enabled=false", *settings_overrides("fast"),
-                                                         "perf.channels_last=true", "perf.optimizer=fused"])
+                                                         "perf.optimizer=fused"])
     fast = Trainer(fast_config, show_progress=False)
     resnet, vit = (0, 1)
     n_tensors = sum(len(targets) for targets, _ in baseline.strategy.teacher_pairs)

@@ -67,10 +67,11 @@ SWITCHES: dict[str, tuple[str, ...]] = {
 }
 
 
-# Switches the fast mode leaves off on CPU. channels_last: no gain resolved on the demo pair on the shared 2-core
-# test machine (README "Profiling a pair"); compile: inductor's C++ compilation of both networks takes minutes
-# on 2 cores (a demo-pair compile had not finished after 8 minutes of wall time on the loaded machine).
-OFF_ON_CPU = ("channels_last", "compile")
+# Switches the fast mode leaves off on CPU. compile: inductor's C++ compilation of both networks takes minutes on
+# 2 cores (a demo-pair compile had not finished after 8 minutes of wall time on the loaded test machine).
+# channels_last stays on: with bf16 it measured 1.26x and 1.54x the images/s of NCHW on the demo pair (README
+# "Profiling a pair", benchmarks/results/throughput_cpu_switches.json).
+OFF_ON_CPU = ("compile",)
 
 
 def optimised_settings(device: torch.device) -> dict[str, Any]:
@@ -321,16 +322,18 @@ def summarise(run: Run, peak_flops: float) -> dict[str, Any]:
 
 
 def profile_runs(runs: list[Run], warmup: int, steps: int) -> None:
-    """Warm up every run, then take turns step after step (a change of load on a shared machine hits every mode
-    alike): a phase-timed step, then an unsynchronised one (CUDA only; on CPU they are the same step)."""
+    """Warm up every run, then take turns step after step, in a rotating order (a change of load on a shared machine
+    hits every mode alike): a phase-timed step, then an unsynchronised one (CUDA only; on CPU they are the same)."""
     for run in runs:
         run.flops = count_flops(run)  # an eager step: also the first warm-up step
         for _ in range(max(warmup - 1, 0)):
             timed_step(run, None)
         if run.trainer.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(run.trainer.device)
-    for _ in range(steps):
-        for run in runs:
+    for index in range(steps):
+        # Rotated every round: on a shared CPU the place in the round biased the time (measured: the first of 8
+        # identical settings ran about 20 % slower than the last).
+        for run in runs[index % len(runs):] + runs[:index % len(runs)]:
             timer = PhaseTimer(run.trainer.device)
             run.step_s.append(timed_step(run, timer))
             run.phases_s.append(dict(timer.totals))
