@@ -22,7 +22,10 @@ setup(
         "webdataset>=1.0",
     ],
     extras_require={
-        "dev": ["pytest>=7"],
+        # The tests run real DeepSpeed (ZeRO-1/2/3 on CPU with gloo); users of parallel.strategy=deepspeed
+        # install it with `pip install mokd[deepspeed]`.
+        "dev": ["pytest>=7", "deepspeed>=0.17"],
+        "deepspeed": ["deepspeed>=0.17"],
         "flash": ["flash-attn"],
     },
     entry_points={"console_scripts": ["mokd=mokd.launch.cli:main"]},
