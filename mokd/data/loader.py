@@ -28,7 +28,28 @@ def _hash63(domain: bytes, *values: int) -> int:
     return int.from_bytes(digest, "little") & _SEED_MASK
 
 
-class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
+class EpochPosition:
+    """Where the next iteration of a training loader starts: its epoch, and how many of that epoch's batches to
+    skip (an exact mid-epoch resume). Shared by ResumableBatchSampler and the shard loader; the trainer sets it."""
+
+    epoch: int = 0
+    start_batch: int = 0
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order the next iteration yields."""
+        self.epoch = epoch
+
+    def set_start_batch(self, start_batch: int) -> None:
+        """Skip the first `start_batch` batches of the next iteration (exact mid-epoch resume); used once."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
+        self.start_batch = start_batch
+
+
+class ResumableBatchSampler(EpochPosition, Sampler[list[tuple[int, int]]]):
     """Batches of (dataset_index, sample_seed) for one rank, reproducible from (seed, epoch) alone.
 
     Every rank sees the same permutation of the dataset and takes the disjoint strided slice
@@ -65,16 +86,6 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
             self._samples_per_rank = dataset_size // (batch_size * world_size) * batch_size
         else:
             self._samples_per_rank = -(-dataset_size // world_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order the next iteration yields."""
-        self.epoch = epoch
-
-    def set_start_batch(self, start_batch: int) -> None:
-        """Skip the first `start_batch` batches of the next iteration (exact mid-epoch resume); used once."""
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
-        self.start_batch = start_batch
 
     def __len__(self) -> int:
         return -(-self._samples_per_rank // self.batch_size)

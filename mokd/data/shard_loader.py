@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mokd.data.loader import _hash63, collate_crops, seeded_transform
+from mokd.data.loader import EpochPosition, _hash63, collate_crops, seeded_transform
 from mokd.data.shards import (CorruptSample, RawSample, decode_sample, expand_shard_urls, iter_shard, shard_name,
                               shard_sample_counts)
 
@@ -218,7 +218,7 @@ class ShardStream(IterableDataset):
                 yield raw
 
 
-class ShardLoader:
+class ShardLoader(EpochPosition):
     """The training loader over shards, with the position interface of ResumableBatchSampler.
 
     Iterating yields len(self) batches of ([crop tensors], labels) for this rank; set_epoch selects the
@@ -238,14 +238,6 @@ class ShardLoader:
 
     def __len__(self) -> int:
         return self._length
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def set_start_batch(self, start_batch: int) -> None:
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
-        self.start_batch = start_batch
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         self.stream.position[0], self.stream.position[1] = self.epoch, self.start_batch
