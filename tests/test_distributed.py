@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from helpers import tiny_config
+from mokd.config import save_config
 from mokd.engine.plan import estimate
 from mokd.engine.trainer import Trainer
 
@@ -136,3 +137,28 @@ def test_dcp_checkpoint_reshards_between_one_and_two_processes(tmp_path, referen
     resumed.train()
     assert_same_losses(step_losses(two), reference_losses, range(1, STEPS + 1))
     assert_same_teachers(resumed.strategy.teacher_state_dicts(), reference_teachers)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_mokd_train_runs_unchanged_under_both_launchers(tmp_path, launcher):
+    """The `mokd train` command line itself, 2 processes: torchrun with FSDP2, the DeepSpeed launcher (which
+    passes --local_rank) with ZeRO-3. Each rank trains; rank 0 logs every step and writes memory.json."""
+    preset = tmp_path / "tiny.yaml"
+    strategy = ["parallel.strategy=fsdp"] if launcher == "torchrun" else ["parallel.strategy=deepspeed",
+                                                                          "parallel.zero_stage=3"]
+    save_config(tiny_config(tmp_path / "unused", extra=["train.batch_size=4", "train.max_steps=2", *strategy]), preset)
+    port = str(29900 + os.getpid() % 90)
+    runner = (["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port] if launcher == "torchrun"
+              else ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", port])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
+    run_dir = tmp_path / "run"
+    module = ["-m", "mokd.launch.cli"] if launcher == "torchrun" else ["--module", "mokd.launch.cli"]
+    command = [sys.executable, *runner, *module, "train", "--preset", str(preset), "--no-progress",
+               f"run_dir={run_dir}"]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, f"{launcher} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    assert sorted(step_losses(run_dir)) == [1, 2]
+    memory = json.loads((run_dir / "memory.json").read_text())
+    assert memory["world_size"] == 2 and len(memory["per_rank"]) == 2
+    assert (run_dir / "checkpoints" / "step_00000002" / "COMPLETE").exists()
