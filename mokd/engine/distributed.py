@@ -49,28 +49,25 @@ def init_world(device: torch.device, parallel_config) -> World:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
+    # One process is a legal world for every strategy (a checkpoint resharded to one process, say), but the
+    # wrappers of ddp, fsdp and deepspeed need a process group even then.
+    needs_group = world_size > 1 or parallel_config.strategy != "single"
+    if needs_group and not dist.is_initialized():
+        if world_size == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         for key in ("MASTER_ADDR", "MASTER_PORT"):
             if key not in os.environ:
                 raise RuntimeError(f"{world_size} processes but {key} is not set: launch with torchrun, the DeepSpeed "
                                    f"launcher, or export it in the SLURM batch script")
-        os.environ.setdefault("RANK", str(rank))  # env:// rendezvous reads these (srun sets only SLURM_*)
-        os.environ.setdefault("WORLD_SIZE", str(world_size))
-        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+        for key, value in (("RANK", rank), ("WORLD_SIZE", world_size), ("LOCAL_RANK", local_rank)):
+            os.environ.setdefault(key, str(value))  # env:// rendezvous reads these (srun sets only SLURM_*)
         backend = parallel_config.backend
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(minutes=parallel_config.timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
-    if world_size == 1 and parallel_config.strategy != "single" and not dist.is_initialized():
-        # One process is a legal world for every strategy (a checkpoint resharded to one process, say), but the
-        # wrappers need a process group even then.
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-            os.environ.setdefault(key, value)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
     return World(rank, world_size, local_rank, device)
 
 
@@ -94,15 +91,15 @@ class CentreSync:
     started early (async) so that the transfer overlaps the backward pass."""
 
     def __init__(self, sums: torch.Tensor, rows: torch.Tensor, async_op: bool) -> None:
-        self.shape = sums.shape
-        self.flat = torch.cat([sums.detach().reshape(-1), rows.detach().to(sums.dtype)])
-        self.handle = None
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        self.sums, self.rows, self.handle = sums, rows, None
+        if dist.is_initialized() and dist.get_world_size() > 1:  # one process: nothing to reduce or copy
+            self.flat = torch.cat([sums.detach().reshape(-1), rows.detach().to(sums.dtype)])
             self.handle = dist.all_reduce(self.flat, async_op=async_op)
 
     def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(global column sums [6, K], global teacher rows [6])."""
-        if self.handle is not None:  # None: one process, or a synchronous all-reduce already done
-            self.handle.wait()
-        count = self.shape[0] * self.shape[1]
-        return self.flat[:count].view(self.shape), self.flat[count:]
+        if self.handle is None:
+            return self.sums, self.rows
+        self.handle.wait()  # a no-op when the all-reduce was synchronous
+        count = self.sums.numel()
+        return self.flat[:count].view(self.sums.shape), self.flat[count:]

@@ -15,7 +15,9 @@ Checkpoints are DeepSpeed's own format (each engine's `save_checkpoint`), plus t
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import ContextManager, Optional
 
 import torch
 from torch import nn
@@ -105,26 +107,25 @@ class DeepSpeedStrategy(Strategy):
             if path is None:
                 raise FileNotFoundError(f"no DeepSpeed checkpoint for model{i + 1} under {directory / 'deepspeed'}")
         # Teachers from their consolidated weights, written with every checkpoint.
-        import deepspeed
-
         for teacher, state in zip(self.teacher_networks, load_teachers_file(directory)):
-            if self.stage == 3:
-                with deepspeed.zero.GatheredParameters(list(teacher.parameters()), modifier_rank=0):
-                    teacher.load_state_dict(state)
-            else:
+            with self._whole(teacher, modifier_rank=0):
                 teacher.load_state_dict(state)
 
     def teacher_state_dicts(self) -> list[dict]:
-        import deepspeed
-
         states = []
         for teacher in self.teacher_networks:
-            if self.stage == 3:
-                with deepspeed.zero.GatheredParameters(list(teacher.parameters())):
-                    states.append({k: v.detach().cpu().clone() for k, v in teacher.state_dict().items()})
-            else:
+            with self._whole(teacher):
                 states.append({k: v.detach().cpu().clone() for k, v in teacher.state_dict().items()})
         return states
+
+    def _whole(self, module: nn.Module, modifier_rank: Optional[int] = None) -> ContextManager:
+        """The module's parameters gathered whole for the block (ZeRO-3; they already are under ZeRO-1/2);
+        with modifier_rank, that rank's changes are partitioned back on exit."""
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=modifier_rank)
 
     def memory_report(self) -> dict[str, int]:
         report = super().memory_report()
