@@ -105,6 +105,8 @@ class DataConfig:
     local_crop_scale: list[float] = option([0.05, 0.25], "area range of local crops")
     num_workers: int = option(2, "data-loading worker processes")
     train_samples: int = option(0, "train on a fixed random subset of this many images (0: the whole split)")
+    validation_samples: int = option(0, "carve this many fixed images from the training split as the validation "
+                                        "split (never trained on; eval.split=validation scores on it)")
     synthetic_size: int = option(256, "synthetic source: images per split")
     synthetic_image_size: int = option(32, "synthetic source: image side, px")
     synthetic_classes: int = option(10, "synthetic source: classes")
@@ -176,6 +178,8 @@ class ParallelConfig:
 
 @dataclass
 class EvalConfig:
+    split: str = option("test", "held-out split that evaluation scores: test | validation (data.validation_samples "
+                                "images carved from train, for tuning)")
     knn_k: int = option(20, "k-NN neighbours")
     knn_temperature: float = option(0.07, "k-NN vote temperature (votes weighted by exp(sim / T))")
     batch_size: int = option(256, "feature-extraction batch")
@@ -230,6 +234,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.strategy": ("single", "ddp", "fsdp", "deepspeed"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "perf.optimizer": ("loop", "foreach", "fused"),
+    "eval.split": ("test", "validation"),
 }
 
 
@@ -349,6 +354,10 @@ def validate(config: MOKDConfig) -> None:
         raise ConfigError("loss.search_pairing=local_to_global needs data.n_local_crops >= 1 "
                           "(or set loss.search_pairing=global_to_global)")
     validate_shard_options(config.data)
+    if config.data.validation_samples < 0:
+        raise ConfigError(f"data.validation_samples must be >= 0, got {config.data.validation_samples}")
+    if config.eval.split == "validation" and config.data.validation_samples == 0:
+        raise ConfigError("eval.split=validation needs data.validation_samples > 0 (the images carved from train)")
     if config.train.batch_size < 1:
         raise ConfigError(f"train.batch_size must be >= 1, got {config.train.batch_size}")
     if config.train.epochs < 1:
@@ -361,6 +370,9 @@ def validate_shard_options(data: DataConfig) -> None:
         return
     if not data.shards:
         raise ConfigError("data.source=webdataset needs data.shards (the training shard URLs, written by `mokd shards`)")
+    if data.validation_samples:
+        raise ConfigError("data.validation_samples carves a map-style dataset; with data.source=webdataset write the "
+                          "validation images to their own shards and point data.eval_shards at them")
     if data.train_samples:
         raise ConfigError("data.train_samples picks a subset of a map-style dataset; with data.source=webdataset "
                           "write fewer samples instead (mokd shards --limit N)")

@@ -410,3 +410,48 @@ def test_limit_size_is_a_fixed_random_subset_that_keeps_the_metadata():
     assert subset.indices != list(range(30))  # not the first N (an ImageFolder is sorted by class)
     assert subset.channels == 1 and subset.targets == [dataset.targets[i] for i in subset.indices]
     assert limit_size(dataset, 30, seed=1).indices != subset.indices
+
+
+def test_validation_split_is_carved_from_train_disjoint_and_fixed() -> None:
+    from mokd.config import load_config
+    from mokd.data import dataset_for, limit_size
+
+    def images_of(dataset) -> set[bytes]:
+        return {np.asarray(dataset[i][0]).tobytes() for i in range(len(dataset))}
+
+    overrides = ["data.source=synthetic", "data.synthetic_size=120", "data.validation_samples=30"]
+    config = load_config("demo", overrides)
+    full = images_of(dataset_for(load_config("demo", overrides[:2]).data, "train", 0))
+    train, validation = dataset_for(config.data, "train", 0), dataset_for(config.data, "validation", 0)
+    assert (len(train), len(validation)) == (90, 30)
+    train_images, validation_images = images_of(train), images_of(validation)
+    assert not train_images & validation_images and train_images | validation_images == full
+    assert validation.targets == [label for _, label in (validation[i] for i in range(30))]
+    # The same images whatever the run's seed (tuning runs of every seed are scored on one split)...
+    assert dataset_for(config.data, "validation", 7).indices == validation.indices
+    # ...and train.seed's training subset is drawn from what is left.
+    subset = limit_size(train, 40, seed=3)
+    assert len(subset) == 40 and not images_of(subset) & validation_images
+
+
+def test_validation_split_options_are_checked() -> None:
+    from mokd.config import ConfigError, load_config
+    from mokd.data import dataset_for
+    from mokd.eval.run_evaluation import eval_dataset
+
+    with pytest.raises(ConfigError, match="eval.split=validation needs data.validation_samples"):
+        load_config("demo", ["eval.split=validation"])
+    with pytest.raises(ConfigError, match="data.validation_samples must be >= 0"):
+        load_config("demo", ["data.validation_samples=-1"])
+    with pytest.raises(ConfigError, match="eval.split='val' is not one of"):
+        load_config("demo", ["eval.split=val"])
+    with pytest.raises(ConfigError, match="data.validation_samples carves a map-style dataset"):
+        load_config("demo", ["data.source=webdataset", "data.shards=/x/a.tar", "data.validation_samples=5"])
+    too_many = load_config("demo", ["data.source=synthetic", "data.synthetic_size=50", "data.validation_samples=50"])
+    with pytest.raises(ValueError, match="data.validation_samples=50 must be between 1 and 49"):
+        dataset_for(too_many.data, "train", 0)
+    # Evaluation scores the held-out split eval.split names.
+    config = load_config("demo", ["data.source=synthetic", "data.synthetic_size=60", "data.validation_samples=20",
+                                  "eval.split=validation"])
+    assert eval_dataset(config, "test").indices == dataset_for(config.data, "validation", 0).indices
+    assert len(eval_dataset(config, "train")) == 40

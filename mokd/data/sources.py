@@ -150,33 +150,59 @@ def num_classes(dataset: Dataset) -> int:
     return int(max(targets)) + 1
 
 
-class SampledSubset(Subset):
-    """A fixed random subset (sorted indices) that keeps the dataset's `.channels`, `.classes` and `.targets`.
+class IndexedSubset(Subset):
+    """The samples of `dataset` at `indices`, keeping the dataset's `.channels`, `.classes` and `.targets`."""
 
-    Random rather than the first N: an ImageFolder is sorted by class, so its first N images are a few classes.
-    """
-
-    def __init__(self, dataset: Dataset, size: int, seed: int) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        indices = torch.randperm(len(dataset), generator=generator)[:size].sort().values.tolist()
+    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
         super().__init__(dataset, indices)
         self.channels = dataset.channels
         self.classes = getattr(dataset, "classes", None)
         self.targets = [dataset.targets[index] for index in indices]
 
 
+def _random_indices(length: int, seed: int) -> torch.Tensor:
+    # Random rather than the first N: an ImageFolder is sorted by class, so its first N images are a few classes.
+    return torch.randperm(length, generator=torch.Generator().manual_seed(seed))
+
+
 def limit_size(dataset: Dataset, size: int, seed: int) -> Dataset:
     """The dataset itself when `size` is 0 or not smaller, else a fixed random subset of `size` samples."""
     if size <= 0 or size >= len(dataset):
         return dataset
-    return SampledSubset(dataset, size, seed)
+    return IndexedSubset(dataset, _random_indices(len(dataset), seed)[:size].sort().values.tolist())
+
+
+# The validation split is the same for every run (independent of train.seed), so tuning runs of different seeds
+# are scored on the same images.
+VALIDATION_SEED = 20_240_229
+
+
+def carve_validation(train_set: Dataset, size: int, split: str, key: str = "data.validation_samples") -> Dataset:
+    """`size` fixed random images of the training split as "validation", the rest as "train" (disjoint)."""
+    if not 0 < size < len(train_set):
+        raise ValueError(f"{key}={size} must be between 1 and {len(train_set) - 1} (the training split has "
+                         f"{len(train_set)} images)")
+    order = _random_indices(len(train_set), VALIDATION_SEED)
+    chosen = order[:size] if split == "validation" else order[size:]
+    return IndexedSubset(train_set, chosen.sort().values.tolist())
 
 
 def dataset_for(data_config, split: str, seed: int) -> Dataset:
     """`build_dataset` with the arguments of a run's `data` config section (its source, root and synthetic_*).
 
     data.source=webdataset: the shards of data.shards ("train") or data.eval_shards (any other split), in order.
+    data.validation_samples > 0: "validation" is that many fixed images carved from the training split, and
+    "train" is the rest of it (hyper-parameters are tuned on "validation", never on "test").
     """
+    if split == "validation" or (split == "train" and data_config.validation_samples > 0):
+        if data_config.validation_samples <= 0:
+            raise ValueError("the validation split needs data.validation_samples > 0 (images carved from train)")
+        train_set = _source_split(data_config, "train", seed)
+        return carve_validation(train_set, data_config.validation_samples, split)
+    return _source_split(data_config, split, seed)
+
+
+def _source_split(data_config, split: str, seed: int) -> Dataset:
     if data_config.source == "webdataset":
         key = "data.shards" if split == "train" else "data.eval_shards"
         pattern = data_config.shards if split == "train" else data_config.eval_shards

@@ -33,8 +33,9 @@ RESULTS_FILE = "results.json"
 
 
 def eval_dataset(config: MOKDConfig, split: str):
-    """The "train" split (the memory bank / probe training set) or the held-out "test" split of a run's data."""
-    return dataset_for(config.data, split, config.train.seed)
+    """The "train" split (the memory bank / probe training set) or the held-out split (`split="test"`) of a run's
+    data; the held-out one is eval.split's: the test split, or the validation images carved from train."""
+    return dataset_for(config.data, config.eval.split if split == "test" else split, config.train.seed)
 
 
 class ModelFeatures(NamedTuple):
@@ -124,6 +125,7 @@ def evaluate_run(config: MOKDConfig, teachers: Sequence[Network], device: torch.
     if config.eval.knn_untrained:
         untrained = knn_scores(config, untrained_networks(config, teachers[0].backbone.in_chans, device), device)
     results = {"run_dir": str(Path(config.run_dir).resolve()), "steps": steps, "dataset": config.data.source,
+               "split": config.eval.split,
                "knn": {"k": config.eval.knn_k, "temperature": config.eval.knn_temperature}}
     if linear:
         results["linear"] = linear_settings(config)

@@ -1,0 +1,420 @@
+"""The paper's claims at a scale this machine affords: independent DINO versus MOKD on Fashion-MNIST for a CNN-ViT,
+a larger-smaller CNN-CNN and a ViT-ViT pair (Table 1), the loss ablation (Table 7), the cross-distillation weights
+(Table 8) and the prediction consistency of the two models (Table 9).
+
+    python benchmarks/paper_tables.py run [--jobs 2] [--only SUBSTRING ...] [--max-runs N]
+    python benchmarks/paper_tables.py report
+
+`run` trains and evaluates the grid, one process per run (`--jobs` at a time, one thread each), in priority order:
+Table 1 with every seed first, then the ablation and lambda runs seed by seed. A run whose record exists is
+skipped, and a run that was killed resumes from its newest epoch checkpoint, so the grid can span sessions.
+Each run writes one record, benchmarks/results/paper_tables/records/NAME.json: its resolved config, seed, wall
+time, and per model the k-NN and linear-probe top-1 on the Fashion-MNIST test split and on a validation split
+carved from train (5,000 images, never trained on), the k-NN after every epoch, and the two models' prediction
+consistency. Hyper-parameters are chosen on the validation numbers only; the tables quote the test numbers.
+
+`report` turns the records into tables (mean +- standard deviation over seeds; markdown and JSON) and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "paper_tables"
+RECORDS = RESULTS / "records"
+RUNS = REPO / "runs" / "paper_tables"
+
+# One training budget for every run, DINO and MOKD alike: 3 epochs over a fixed 8,000-image subset of the
+# training split (375 steps of 64), minus the 5,000 validation images, which no run trains on.
+BUDGET = [
+    "data.train_samples=8000", "train.epochs=3", "train.batch_size=64", "data.validation_samples=5000",
+    "data.num_workers=1", "checkpoint.every_steps=0", "checkpoint.keep_last=3",
+    "eval.max_train_samples=5000", "eval.knn_at_end=false", "eval.linear_at_end=false",
+    "eval.analysis_at_end=false", "eval.linear_epochs=100", "train.log_every=25",
+]
+
+PAIRS = {  # pair kind -> preset (model1 is the larger or stronger model, with the smaller lambda)
+    "cnn_vit": "demo_cnn_vit",  # ResNet-18 width 8 + ViT dim 64, depth 4
+    "cnn_cnn": "demo",  # ResNet-18 width 16 + ResNet-18 width 8
+    "vit_vit": "demo_vit_vit",  # ViT dim 96 + ViT dim 64, depth 4 both
+}
+
+# Loss configurations: which of L_sm, L_cm, L_st, L_ct each model minimises. "dino" trains each model alone
+# (L_sm only: no gradient or target crosses between the models), i.e. independent DINO of both models.
+LOSSES = {
+    "dino": ["loss.self_thead=false", "loss.cross_mlp=false", "loss.cross_search=false"],
+    "sm+cm": ["loss.self_thead=false", "loss.cross_search=false"],
+    "sm+cm+st": ["loss.cross_search=false"],
+    "mokd": [],
+}
+
+# Table 8: the presets' weights are lambda_1 = 0.1 (the stronger model) and lambda_2 = 1.0; each row varies one.
+LAMBDAS = {"lam1=0": ["model1.cross_weight=0.0"], "lam1=1": ["model1.cross_weight=1.0"],
+           "lam2=0": ["model2.cross_weight=0.0"], "lam2=0.1": ["model2.cross_weight=0.1"]}
+
+SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    pair: str
+    variant: str  # a LOSSES key, or a LAMBDAS key (MOKD with that weight)
+    seed: int
+    overrides: tuple[str, ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        return f"{self.pair}-{self.variant}-s{self.seed}"
+
+
+def grid() -> list[RunSpec]:
+    """Every run, in the order they are trained: Table 1 for all seeds, then ablation and lambdas seed by seed."""
+    runs = [RunSpec(pair, variant, seed, tuple(LOSSES[variant]))
+            for seed in SEEDS for pair in PAIRS for variant in ("dino", "mokd")]
+    for seed in SEEDS:
+        runs += [RunSpec("cnn_vit", variant, seed, tuple(LOSSES[variant])) for variant in ("sm+cm", "sm+cm+st")]
+        runs += [RunSpec("cnn_vit", variant, seed, tuple(overrides)) for variant, overrides in LAMBDAS.items()]
+    return runs
+
+
+def train_arguments(spec: RunSpec) -> list[str]:
+    return ["train", "--preset", PAIRS[spec.pair], "--no-progress", *BUDGET, *spec.overrides,
+            f"train.seed={spec.seed}", f"run_dir={RUNS / spec.name}"]
+
+
+# ---- one run: train, then evaluate every epoch checkpoint ------------------------------------------------------
+def run_one(spec: RunSpec) -> dict:
+    """Train `spec` (resuming a killed attempt) and evaluate it; returns the record (also written to disk)."""
+    import torch
+
+    from mokd.launch.cli import main as mokd_main
+
+    run_dir = RUNS / spec.name
+    resumed = (run_dir / "checkpoints").exists()
+    started = time.perf_counter()
+    if mokd_main(train_arguments(spec)) != 0:
+        raise RuntimeError(f"training {spec.name} failed")
+    train_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    evaluation = evaluate(run_dir, torch.device("cpu"))
+    record = {
+        "name": spec.name, "pair": spec.pair, "variant": spec.variant, "seed": spec.seed,
+        "preset": PAIRS[spec.pair], "overrides": [*BUDGET, *spec.overrides, f"train.seed={spec.seed}"],
+        "config": (run_dir / "config.yaml").read_text(),
+        "train_wall_seconds": train_seconds, "resumed_from_checkpoint": resumed,
+        "eval_wall_seconds": time.perf_counter() - started, "torch_threads": torch.get_num_threads(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": "CPU, 2 cores (shared by --jobs runs)",
+        "collapse": collapse_monitors(run_dir), **evaluation,
+    }
+    RECORDS.mkdir(parents=True, exist_ok=True)
+    temporary = RECORDS / f"{spec.name}.json.tmp"
+    temporary.write_text(json.dumps(record, indent=1) + "\n")
+    temporary.rename(RECORDS / f"{spec.name}.json")  # a record exists only once it is whole
+    return record
+
+
+def collapse_monitors(run_dir: Path) -> dict:
+    """Each term's teacher entropy at the last logged step, against ln K (a uniform teacher: collapse)."""
+    import math
+
+    from mokd.config import load_config
+
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    prefix = "collapse/teacher_entropy/"
+    return {"step": last["step"], "uniform_entropy": math.log(load_config(str(run_dir / "config.yaml")).head.out_dim),
+            "teacher_entropy": {key[len(prefix):]: value for key, value in last.items() if key.startswith(prefix)}}
+
+
+def evaluate(run_dir: Path, device) -> dict:
+    """k-NN of both teachers at step 0 and after every epoch (test split), and at the end k-NN, linear probe and
+    prediction consistency on both the test and the validation split."""
+    from mokd.config import load_config
+    from mokd.data import EvalTransform, build_eval_loader, data_statistics, limit_size
+    from mokd.engine.checkpoint import CheckpointManager, load_teachers_file
+    from mokd.eval.analysis import prediction_consistency
+    from mokd.eval.linear import extract_eval_features
+    from mokd.eval.run_evaluation import (ModelFeatures, eval_dataset, knn_predictions, linear_top1_of,
+                                          untrained_networks)
+    from mokd.method.pair import build_pair
+
+    config = load_config(str(run_dir / "config.yaml"), [f"run_dir={run_dir}"])
+    splits = {split: load_config(str(run_dir / "config.yaml"), [f"run_dir={run_dir}", f"eval.split={split}"])
+              for split in ("test", "validation")}
+    train_set = eval_dataset(config, "train")
+    mean, std = data_statistics(config.data, train_set.channels)
+    transform = EvalTransform(min(config.eval.image_size, config.data.global_crop_size), mean, std,
+                              train_set.channels)
+    loader = partial(build_eval_loader, transform=transform, batch_size=config.eval.batch_size, num_workers=0)
+    loaders = {"bank": loader(limit_size(train_set, config.eval.max_train_samples, config.train.seed))}
+    loaders.update({split: loader(eval_dataset(split_config, "test")) for split, split_config in splits.items()})
+    classes = len(train_set.classes)
+
+    def features_of(teachers, split_names) -> list[dict]:
+        found = []
+        for teacher in teachers:
+            extract = partial(extract_eval_features, teacher.backbone, device=device,
+                              n_last_blocks=config.eval.linear_n_last_blocks,
+                              avgpool_patch_tokens=config.eval.linear_avgpool_patch_tokens)
+            bank = extract(loaders["bank"])
+            found.append({split: ModelFeatures(bank, extract(loaders[split])) for split in split_names})
+        return found
+
+    def knn_top1(model_features: ModelFeatures) -> float:
+        predicted = knn_predictions(config, model_features, classes)
+        return 100.0 * (predicted == model_features.test.labels).float().mean().item()
+
+    curve = [{"epoch": 0, "step": 0, "knn_top1": [knn_top1(f["test"]) for f in
+                                                   features_of(untrained_networks(config, train_set.channels, device),
+                                                               ["test"])]}]
+    checkpoints = CheckpointManager(run_dir, config.checkpoint.keep_last).complete()
+    if not checkpoints:
+        raise FileNotFoundError(f"no complete checkpoint under {run_dir / 'checkpoints'}")
+    final: dict = {}
+    for checkpoint in checkpoints:
+        meta = CheckpointManager.load_meta(checkpoint)
+        step, epoch = meta["step"], meta["data_position"]["epoch"]
+        _, teachers = build_pair(config, train_set.channels)
+        for teacher, state in zip(teachers, load_teachers_file(checkpoint)):
+            teacher.load_state_dict(state)
+            teacher.to(device)
+        is_last = checkpoint == checkpoints[-1]
+        features = features_of(teachers, ["test", "validation"] if is_last else ["test"])
+        curve.append({"epoch": epoch, "step": step,
+                      "knn_top1": [knn_top1(f["test"]) for f in features]})
+        if is_last:
+            final["steps"] = step
+            for split, split_config in splits.items():
+                predictions = [knn_predictions(split_config, f[split], classes) for f in features]
+                final[split] = {f"model{which + 1}": {
+                    "knn_top1": 100.0 * (predictions[which] == features[which][split].test.labels).float().mean().item(),
+                    "linear_top1": linear_top1_of(split_config, features[which][split], classes)} for which in range(2)}
+                final[split]["prediction_consistency"] = prediction_consistency(*predictions)
+    final["knn_curve_test"] = curve
+    return final
+
+
+# ---- the grid ---------------------------------------------------------------------------------------------------
+def record_path(spec: RunSpec) -> Path:
+    return RECORDS / f"{spec.name}.json"
+
+
+def launch(spec: RunSpec, threads: int) -> tuple[str, int, float]:
+    """One run in its own process (so each has its own thread budget and a crash costs only that run)."""
+    environment = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                       PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    RUNS.mkdir(parents=True, exist_ok=True)
+    log = RUNS / f"{spec.name}.log"
+    started = time.perf_counter()
+    with log.open("a") as out:
+        code = subprocess.call([sys.executable, __file__, "one", spec.name], stdout=out, stderr=subprocess.STDOUT,
+                               env=environment, cwd=REPO)
+    return spec.name, code, time.perf_counter() - started
+
+
+def run_grid(jobs: int, only: list[str], max_runs: Optional[int]) -> int:
+    pending = [spec for spec in grid() if not record_path(spec).exists()
+               and (not only or any(part in spec.name for part in only))]
+    pending = pending[:max_runs] if max_runs else pending
+    print(f"{len(pending)} runs to do ({jobs} at a time); records in {RECORDS}", flush=True)
+    failures = 0
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for name, code, seconds in pool.map(partial(launch, threads=1), pending):
+            failures += code != 0
+            print(f"{name}: {'done' if code == 0 else f'FAILED (exit {code}, see {RUNS / name}.log)'} "
+                  f"in {seconds / 60:.1f} min", flush=True)
+    return 1 if failures else 0
+
+
+# ---- the report -------------------------------------------------------------------------------------------------
+def load_records() -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted(RECORDS.glob("*.json"))]
+
+
+def mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "values": values}
+
+
+def cell(summary: Optional[dict]) -> str:
+    if summary is None:
+        return "–"
+    spread = f" ± {summary['std']:.2f}" if summary["n"] > 1 else ""
+    return f"{summary['mean']:.2f}{spread} (n={summary['n']})"
+
+
+def summarise(records: list[dict], split: str) -> dict:
+    """(pair, variant) -> per model and metric, mean and std over seeds; also the prediction consistency."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["pair"], record["variant"]), []).append(record)
+    summary = {}
+    for (pair, variant), members in groups.items():
+        entry = {f"model{m}": {metric: mean_std([r[split][f"model{m}"][metric] for r in members])
+                               for metric in ("knn_top1", "linear_top1")} for m in (1, 2)}
+        entry["prediction_consistency"] = mean_std([r[split]["prediction_consistency"] for r in members])
+        entry["seeds"] = sorted(r["seed"] for r in members)
+        summary[f"{pair}/{variant}"] = entry
+    return summary
+
+
+MODEL_NAMES = {"cnn_vit": ("ResNet-18 w8", "ViT d64"), "cnn_cnn": ("ResNet-18 w16", "ResNet-18 w8"),
+               "vit_vit": ("ViT d96", "ViT d64")}
+
+
+def verdict(dino: dict, mokd: dict) -> str:
+    """Does MOKD beat DINO by more than the seed spread (the larger of the two standard deviations)?"""
+    gain = mokd["mean"] - dino["mean"]
+    spread = max(dino["std"], mokd["std"])
+    if min(dino["n"], mokd["n"]) < 2:
+        return f"{gain:+.2f} (one seed: no spread yet)"
+    word = "beats" if gain > spread else ("loses to" if gain < -spread else "ties")
+    return f"{gain:+.2f}, MOKD {word} DINO (spread {spread:.2f})"
+
+
+def markdown_tables(summary: dict, split: str) -> str:
+    lines = [f"Numbers: top-1 % on the Fashion-MNIST {split} split, mean ± std over seeds (n = seeds).", ""]
+    lines += ["### Table 1 analogue: independent DINO vs MOKD", "",
+              "| pair | model | metric | DINO | MOKD | MOKD − DINO |", "|---|---|---|---|---|---|"]
+    for pair in PAIRS:
+        dino, mokd = summary.get(f"{pair}/dino"), summary.get(f"{pair}/mokd")
+        for which in (1, 2):
+            for metric in ("knn_top1", "linear_top1"):
+                cells = [cell(s[f"model{which}"][metric]) if s else "–" for s in (dino, mokd)]
+                judged = verdict(dino[f"model{which}"][metric], mokd[f"model{which}"][metric]) if dino and mokd else "–"
+                lines.append(f"| {pair} | {MODEL_NAMES[pair][which - 1]} | {metric.replace('_top1', '')} | "
+                             f"{cells[0]} | {cells[1]} | {judged} |")
+    lines += ["", "### Table 7 analogue (CNN–ViT): loss ablation", "",
+              "| losses | ResNet k-NN | ResNet linear | ViT k-NN | ViT linear |", "|---|---|---|---|---|"]
+    for variant, label in (("dino", "L_sm"), ("sm+cm", "L_sm + L_cm"), ("sm+cm+st", "L_sm + L_cm + L_st"),
+                           ("mokd", "L_sm + L_cm + L_st + L_ct")):
+        entry = summary.get(f"cnn_vit/{variant}")
+        lines.append(f"| {label} | " + " | ".join(
+            cell(entry[f"model{m}"][metric]) if entry else "–"
+            for m in (1, 2) for metric in ("knn_top1", "linear_top1")) + " |")
+    lines += ["", "### Table 8 analogue (CNN–ViT): cross-distillation weights", "",
+              "| λ1 (ResNet) | λ2 (ViT) | ResNet k-NN | ResNet linear | ViT k-NN | ViT linear |",
+              "|---|---|---|---|---|---|"]
+    for variant, weights in (("lam1=0", ("0", "1")), ("mokd", ("0.1", "1")), ("lam1=1", ("1", "1")),
+                             ("lam2=0", ("0.1", "0")), ("lam2=0.1", ("0.1", "0.1"))):
+        entry = summary.get(f"cnn_vit/{variant}")
+        lines.append(f"| {weights[0]} | {weights[1]} | " + " | ".join(
+            cell(entry[f"model{m}"][metric]) if entry else "–"
+            for m in (1, 2) for metric in ("knn_top1", "linear_top1")) + " |")
+    lines += ["", "### Table 9 analogue: prediction consistency of the two models (same k-NN class, %)", "",
+              "| pair | two DINO models | two MOKD models |", "|---|---|---|"]
+    for pair in PAIRS:
+        lines.append(f"| {pair} | " + " | ".join(
+            cell(summary[key]["prediction_consistency"]) if key in summary else "–"
+            for key in (f"{pair}/dino", f"{pair}/mokd")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], summary: dict) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, metric in zip(axes, ("knn_top1", "linear_top1")):
+        labels, positions = [], []
+        for index, pair in enumerate(PAIRS):
+            for which in (1, 2):
+                position = index * 2.6 + (which - 1) * 1.1
+                labels.append(f"{pair}\n{MODEL_NAMES[pair][which - 1]}")
+                positions.append(position)
+                for offset, (variant, colour) in enumerate((("dino", "tab:gray"), ("mokd", "tab:blue"))):
+                    entry = summary.get(f"{pair}/{variant}")
+                    if entry:
+                        s = entry[f"model{which}"][metric]
+                        axis.bar(position + (offset - 0.5) * 0.45, s["mean"], 0.45, yerr=s["std"], capsize=3,
+                                 color=colour, label=variant.upper() if (index, which) == (0, 1) else None)
+        axis.set_xticks(positions, labels, fontsize=7)
+        axis.set_ylabel(f"{metric.replace('_top1', '')} top-1 (%)")
+        axis.set_ylim(bottom=50)
+        axis.legend()
+    figure.suptitle("Independent DINO vs MOKD, Fashion-MNIST test split (mean ± std over seeds)")
+    figure.tight_layout()
+    files.append(RESULTS / "table1_bars.png")
+    figure.savefig(files[-1], dpi=120)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(1, len(PAIRS), figsize=(5 * len(PAIRS), 3.8), squeeze=False)
+    for axis, pair in zip(axes[0], PAIRS):
+        for variant, style in (("dino", "--"), ("mokd", "-")):
+            for which, colour in ((1, "tab:red"), (2, "tab:blue")):
+                curves = [r["knn_curve_test"] for r in records if r["pair"] == pair and r["variant"] == variant]
+                if not curves:
+                    continue
+                epochs = [point["epoch"] for point in curves[0]]
+                values = [[c[i]["knn_top1"][which - 1] for c in curves] for i in range(len(epochs))]
+                means = [statistics.fmean(v) for v in values]
+                spreads = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+                axis.errorbar(epochs, means, yerr=spreads, linestyle=style, color=colour, capsize=2,
+                              label=f"{variant.upper()} {MODEL_NAMES[pair][which - 1]}")
+        axis.set_title(pair)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel("k-NN top-1 (%)")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    files.append(RESULTS / "knn_curves.png")
+    figure.savefig(files[-1], dpi=120)
+    plt.close(figure)
+    return files
+
+
+def report() -> int:
+    records = load_records()
+    if not records:
+        print(f"no records under {RECORDS}: run `python benchmarks/paper_tables.py run` first")
+        return 1
+    summaries = {split: summarise(records, split) for split in ("test", "validation")}
+    (RESULTS / "summary.json").write_text(json.dumps({
+        "budget": BUDGET, "pairs": PAIRS, "runs": len(records), "summary": summaries,
+        "train_wall_minutes_median": statistics.median(r["train_wall_seconds"] for r in records) / 60}, indent=1) + "\n")
+    text = "\n".join(["# MOKD vs independent DINO at small scale (Fashion-MNIST, CPU)", "",
+                      f"Budget per run: {' '.join(BUDGET)}.", "", "## Test split", "",
+                      markdown_tables(summaries["test"], "test"), "## Validation split (tuning only)", "",
+                      markdown_tables(summaries["validation"], "validation")])
+    (RESULTS / "tables.md").write_text(text)
+    files = plot(records, summaries["test"])
+    print(text)
+    print("written:", RESULTS / "tables.md", RESULTS / "summary.json", *files)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="train and evaluate the runs without a record")
+    run.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    run.add_argument("--only", nargs="*", default=[], help="only runs whose name contains one of these")
+    run.add_argument("--max-runs", type=int, default=None, help="stop after starting this many runs")
+    commands.add_parser("report", help="tables, JSON and plots from the records")
+    one = commands.add_parser("one", help="train and evaluate one run by name (what `run` starts per run)")
+    one.add_argument("name", choices=[spec.name for spec in grid()])
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return run_grid(args.jobs, args.only, args.max_runs)
+    if args.command == "one":
+        record = run_one(next(spec for spec in grid() if spec.name == args.name))
+        print(json.dumps({key: record[key] for key in ("name", "test", "validation")}, indent=1))
+        return 0
+    return report()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""benchmarks/paper_tables.py: the grid's runs are what the paper's tables compare, the evaluation of a real
+(tiny) run agrees with `mokd eval knn`, and the report's statistics are the seeds' mean and spread."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mokd.config import load_config
+from mokd.launch.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_runner():
+    spec = importlib.util.spec_from_file_location("paper_tables", REPO / "benchmarks" / "paper_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["paper_tables"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+paper_tables = load_runner()
+
+
+def test_grid_holds_each_table_and_every_run_config_is_valid() -> None:
+    runs = paper_tables.grid()
+    names = [run.name for run in runs]
+    assert len(names) == len(set(names))
+    table1 = [run for run in runs if run.variant in ("dino", "mokd")]
+    assert {(run.pair, run.variant, run.seed) for run in table1} == {
+        (pair, variant, seed) for pair in ("cnn_vit", "cnn_cnn", "vit_vit") for variant in ("dino", "mokd")
+        for seed in (0, 1, 2)}
+    assert runs[:len(table1)] == table1  # Table 1 is trained first
+    for run in runs:
+        config = load_config(paper_tables.PAIRS[run.pair], paper_tables.train_arguments(run)[4:])
+        assert config.train.seed == run.seed and config.data.validation_samples > 0
+        assert (config.train.epochs, config.data.train_samples) == (3, 8000)  # one budget for all
+        terms = (config.loss.self_mlp, config.loss.cross_mlp, config.loss.self_thead, config.loss.cross_search)
+        expected = {"dino": (True, False, False, False), "sm+cm": (True, True, False, False),
+                    "sm+cm+st": (True, True, True, False)}.get(run.variant, (True, True, True, True))
+        assert terms == expected, run.name
+        weights = (config.model1.cross_weight, config.model2.cross_weight)
+        if run.pair == "cnn_vit" and run.variant.startswith("lam"):
+            which, value = run.variant[3], float(run.variant.split("=")[1])
+            assert weights[int(which) - 1] == value
+            assert weights[2 - int(which)] == (0.1, 1.0)[2 - int(which)]
+
+
+def test_evaluate_a_real_run_matches_mokd_eval_knn(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"run_dir={run_dir}", "model1.width=8", "model2.width=4", "head.out_dim=64", "head.mlp_hidden_dim=32",
+        "head.mlp_bottleneck_dim=16", "head.thead_dim=32", "head.thead_heads=2", "data.source=synthetic",
+        "data.synthetic_size=96", "data.synthetic_image_size=16", "data.synthetic_channels=1",
+        "data.global_crop_size=16", "data.local_crop_size=8", "data.num_workers=0", "data.train_samples=0",
+        "data.validation_samples=32", "train.epochs=2", "train.batch_size=16", "eval.batch_size=32",
+        "eval.image_size=16", "eval.knn_at_end=false", "eval.linear_epochs=3", "eval.max_train_samples=48",
+        "checkpoint.keep_last=2",
+    ]
+    assert main(["train", "--preset", "demo", "--no-progress", *overrides]) == 0
+    evaluation = paper_tables.evaluate(run_dir, torch.device("cpu"))
+    curve = evaluation["knn_curve_test"]
+    assert [point["epoch"] for point in curve] == [0, 1, 2] and [p["step"] for p in curve] == [0, 4, 8]
+    assert curve[0]["knn_top1"] != curve[-1]["knn_top1"]  # the untrained networks are not the trained ones
+    for split in ("test", "validation"):
+        assert 0 <= evaluation[split]["prediction_consistency"] <= 100
+        for which in ("model1", "model2"):
+            assert 0 <= evaluation[split][which]["linear_top1"] <= 100
+    # The same teachers scored through the CLI: the final test k-NN must be the runner's, split for split.
+    for split in ("test", "validation"):
+        assert main(["eval", "knn", "--run", str(run_dir), f"eval.split={split}", "eval.knn_untrained=false"]) == 0
+        results = json.loads((run_dir / "results.json").read_text())
+        assert results["split"] == split and results["steps"] == 8
+        for which in ("model1", "model2"):
+            assert results[which]["knn_top1"] == pytest.approx(evaluation[split][which]["knn_top1"], abs=1e-9)
+    assert curve[-1]["knn_top1"] == [evaluation["test"][m]["knn_top1"] for m in ("model1", "model2")]
+
+
+def test_report_statistics_are_mean_and_sample_std_over_seeds() -> None:
+    generator = torch.Generator().manual_seed(11)
+    records = []
+    for variant in ("dino", "mokd"):
+        for seed in (0, 1, 2):
+            scores = (torch.rand(5, generator=generator) * 30 + 60).tolist()
+            split = {"model1": {"knn_top1": scores[0], "linear_top1": scores[1]},
+                     "model2": {"knn_top1": scores[2], "linear_top1": scores[3]},
+                     "prediction_consistency": scores[4]}
+            records.append({"pair": "cnn_vit", "variant": variant, "seed": seed, "test": split})
+    summary = paper_tables.summarise(records, "test")
+    for variant in ("dino", "mokd"):
+        members = [r for r in records if r["variant"] == variant]
+        values = [r["test"]["model2"]["linear_top1"] for r in members]
+        entry = summary[f"cnn_vit/{variant}"]["model2"]["linear_top1"]
+        assert entry["mean"] == pytest.approx(sum(values) / 3)
+        assert entry["std"] == pytest.approx(statistics.stdev(values))
+        assert summary[f"cnn_vit/{variant}"]["seeds"] == [0, 1, 2]
+    dino = {"mean": 70.0, "std": 0.5, "n": 3}
+    assert "beats" in paper_tables.verdict(dino, {"mean": 71.0, "std": 0.4, "n": 3})
+    assert "ties" in paper_tables.verdict(dino, {"mean": 70.3, "std": 0.4, "n": 3})
+    assert "loses to" in paper_tables.verdict(dino, {"mean": 69.0, "std": 0.9, "n": 3})
+    table = paper_tables.markdown_tables(summary, "test")
+    assert "Table 1 analogue" in table and "Table 9 analogue" in table
