@@ -39,7 +39,7 @@ def test_grid_holds_each_table_and_every_run_config_is_valid() -> None:
         for seed in (0, 1, 2)}
     assert runs[:len(table1)] == table1  # Table 1 is trained first
     for run in runs:
-        config = load_config(paper_tables.PAIRS[run.pair], paper_tables.train_arguments(run)[4:])
+        config = load_config(paper_tables.PAIRS[run.pair], paper_tables.run_overrides(run))
         assert config.train.seed == run.seed and config.data.validation_samples > 0
         assert (config.train.epochs, config.data.train_samples) == (3, 8000)  # one budget for all
         terms = (config.loss.self_mlp, config.loss.cross_mlp, config.loss.self_thead, config.loss.cross_search)
