@@ -276,6 +276,9 @@ def summarise(records: list[dict], split: str) -> dict:
     for (pair, variant), members in groups.items():
         entry = {f"model{m}": {metric: mean_std([r[split][f"model{m}"][metric] for r in members])
                                for metric in ("knn_top1", "linear_top1")} for m in (1, 2)}
+        for m in (1, 2):  # the curve's first point: the same networks before training (test split)
+            entry[f"model{m}"]["knn_untrained"] = mean_std([r["knn_curve_test"][0]["knn_top1"][m - 1]
+                                                            for r in members])
         entry["prediction_consistency"] = mean_std([r[split]["prediction_consistency"] for r in members])
         entry["seeds"] = sorted(r["seed"] for r in members)
         summary[f"{pair}/{variant}"] = entry
@@ -299,15 +302,16 @@ def verdict(dino: dict, mokd: dict) -> str:
 def markdown_tables(summary: dict, split: str) -> str:
     lines = [f"Numbers: top-1 % on the Fashion-MNIST {split} split, mean ± std over seeds (n = seeds).", ""]
     lines += ["### Table 1 analogue: independent DINO vs MOKD", "",
-              "| pair | model | metric | DINO | MOKD | MOKD − DINO |", "|---|---|---|---|---|---|"]
+              "| pair | model | metric | untrained | DINO | MOKD | MOKD − DINO |", "|---|---|---|---|---|---|---|"]
     for pair in PAIRS:
         dino, mokd = summary.get(f"{pair}/dino"), summary.get(f"{pair}/mokd")
         for which in (1, 2):
             for metric in ("knn_top1", "linear_top1"):
                 cells = [cell(s[f"model{which}"][metric]) if s else "–" for s in (dino, mokd)]
                 judged = verdict(dino[f"model{which}"][metric], mokd[f"model{which}"][metric]) if dino and mokd else "–"
+                untrained = cell(dino[f"model{which}"]["knn_untrained"]) if dino and metric == "knn_top1" else ""
                 lines.append(f"| {pair} | {MODEL_NAMES[pair][which - 1]} | {metric.replace('_top1', '')} | "
-                             f"{cells[0]} | {cells[1]} | {judged} |")
+                             f"{untrained} | {cells[0]} | {cells[1]} | {judged} |")
     lines += ["", "### Table 7 analogue (CNN–ViT): loss ablation", "",
               "| losses | ResNet k-NN | ResNet linear | ViT k-NN | ViT linear |", "|---|---|---|---|---|"]
     for variant, label in (("dino", "L_sm"), ("sm+cm", "L_sm + L_cm"), ("sm+cm+st", "L_sm + L_cm + L_st"),
@@ -331,6 +335,25 @@ def markdown_tables(summary: dict, split: str) -> str:
         lines.append(f"| {pair} | " + " | ".join(
             cell(summary[key]["prediction_consistency"]) if key in summary else "–"
             for key in (f"{pair}/dino", f"{pair}/mokd")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def collapse_table(records: list[dict]) -> str:
+    """Mean teacher entropy per loss term at the last step, per pair and loss configuration: ln K means the
+    teacher's targets are uniform (that term teaches nothing)."""
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(f"{record['pair']}/{record['variant']}", []).append(record["collapse"])
+    terms = [f"model{m}/{t}" for m in (1, 2) for t in ("sm", "cm", "st", "ct")]
+    uniform = records[0]["collapse"]["uniform_entropy"]
+    lines = [f"### Collapse monitor: teacher entropy per term at the last step (mean over seeds; ln K = {uniform:.2f} "
+             "is a uniform teacher)", "", "| run | " + " | ".join(terms) + " |", "|---" * (len(terms) + 1) + "|"]
+    for name, monitors in sorted(groups.items()):
+        cells = []
+        for term in terms:
+            values = [m["teacher_entropy"][term] for m in monitors if term in m["teacher_entropy"]]
+            cells.append(f"{statistics.fmean(values):.2f}" if values else "–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -381,7 +404,8 @@ def plot(records: list[dict], summary: dict) -> list[Path]:
         axis.set_title(pair)
         axis.set_xlabel("epoch")
         axis.set_ylabel("k-NN top-1 (%)")
-        axis.legend(fontsize=7)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
     figure.tight_layout()
     files.append(RESULTS / "knn_curves.png")
     figure.savefig(files[-1], dpi=120)
@@ -400,8 +424,8 @@ def report() -> int:
         "train_wall_minutes_median": statistics.median(r["train_wall_seconds"] for r in records) / 60}, indent=1) + "\n")
     text = "\n".join(["# MOKD vs independent DINO at small scale (Fashion-MNIST, CPU)", "",
                       f"Budget per run: {' '.join(BUDGET)}.", "", "## Test split", "",
-                      markdown_tables(summaries["test"], "test"), "## Validation split (tuning only)", "",
-                      markdown_tables(summaries["validation"], "validation")])
+                      markdown_tables(summaries["test"], "test"), collapse_table(records),
+                      "## Validation split (tuning only)", "", markdown_tables(summaries["validation"], "validation")])
     (RESULTS / "tables.md").write_text(text)
     files = plot(records, summaries["test"])
     print(text)

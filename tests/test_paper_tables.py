@@ -88,11 +88,12 @@ def test_report_statistics_are_mean_and_sample_std_over_seeds() -> None:
     records = []
     for variant in ("dino", "mokd"):
         for seed in (0, 1, 2):
-            scores = (torch.rand(5, generator=generator) * 30 + 60).tolist()
+            scores = (torch.rand(7, generator=generator) * 30 + 60).tolist()
             split = {"model1": {"knn_top1": scores[0], "linear_top1": scores[1]},
                      "model2": {"knn_top1": scores[2], "linear_top1": scores[3]},
                      "prediction_consistency": scores[4]}
-            records.append({"pair": "cnn_vit", "variant": variant, "seed": seed, "test": split})
+            records.append({"pair": "cnn_vit", "variant": variant, "seed": seed, "test": split,
+                            "knn_curve_test": [{"epoch": 0, "step": 0, "knn_top1": scores[5:]}]})
     summary = paper_tables.summarise(records, "test")
     for variant in ("dino", "mokd"):
         members = [r for r in records if r["variant"] == variant]
@@ -101,6 +102,8 @@ def test_report_statistics_are_mean_and_sample_std_over_seeds() -> None:
         assert entry["mean"] == pytest.approx(sum(values) / 3)
         assert entry["std"] == pytest.approx(statistics.stdev(values))
         assert summary[f"cnn_vit/{variant}"]["seeds"] == [0, 1, 2]
+        untrained = [r["knn_curve_test"][0]["knn_top1"][0] for r in members]
+        assert summary[f"cnn_vit/{variant}"]["model1"]["knn_untrained"]["mean"] == pytest.approx(sum(untrained) / 3)
     dino = {"mean": 70.0, "std": 0.5, "n": 3}
     assert "beats" in paper_tables.verdict(dino, {"mean": 71.0, "std": 0.4, "n": 3})
     assert "ties" in paper_tables.verdict(dino, {"mean": 70.3, "std": 0.4, "n": 3})
