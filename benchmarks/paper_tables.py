@@ -74,6 +74,13 @@ LOSSES = {
 LAMBDAS = {"lam1=0": ["model1.cross_weight=0.0"], "lam1=1": ["model1.cross_weight=1.0"],
            "lam2=0": ["model2.cross_weight=0.0"], "lam2=0.1": ["model2.cross_weight=0.1"]}
 
+# The investigation of where MOKD does not beat DINO (the ViT of the CNN-ViT pair): twice the schedule, and
+# full-size (28 px) global crops with 16 px local crops, DINO and MOKD alike, seed 0.
+INVESTIGATIONS = {
+    "long": ["train.epochs=6", "checkpoint.keep_last=6"],
+    "crop28": ["data.global_crop_size=28", "data.local_crop_size=16", "eval.image_size=28"],
+}
+
 SEEDS = (0, 1, 2)
 
 
@@ -90,13 +97,18 @@ class RunSpec:
 
 
 def grid() -> list[RunSpec]:
-    """Every run, in the order they are trained: Table 1 for all seeds, then ablation and lambdas seed by seed."""
+    """Every run, in the order they are trained: Table 1 for all seeds, the ablation and lambda runs of seeds 0
+    and 1, the investigation runs, then the ablation and lambda runs of seed 2."""
+    def ablations(seed: int) -> list[RunSpec]:
+        return ([RunSpec("cnn_vit", variant, seed, tuple(LOSSES[variant])) for variant in ("sm+cm", "sm+cm+st")]
+                + [RunSpec("cnn_vit", variant, seed, tuple(overrides)) for variant, overrides in LAMBDAS.items()])
+
     runs = [RunSpec(pair, variant, seed, tuple(LOSSES[variant]))
             for seed in SEEDS for pair in PAIRS for variant in ("dino", "mokd")]
-    for seed in SEEDS:
-        runs += [RunSpec("cnn_vit", variant, seed, tuple(LOSSES[variant])) for variant in ("sm+cm", "sm+cm+st")]
-        runs += [RunSpec("cnn_vit", variant, seed, tuple(overrides)) for variant, overrides in LAMBDAS.items()]
-    return runs
+    runs += ablations(0) + ablations(1)
+    runs += [RunSpec("cnn_vit", f"{variant}-{change}", 0, (*LOSSES[variant], *overrides))
+             for change, overrides in INVESTIGATIONS.items() for variant in ("dino", "mokd")]
+    return runs + ablations(2)
 
 
 def train_arguments(spec: RunSpec) -> list[str]:
@@ -223,16 +235,34 @@ def record_path(spec: RunSpec) -> Path:
     return RECORDS / f"{spec.name}.json"
 
 
+def take_lock(spec: RunSpec) -> bool:
+    """RUNS/NAME.lock holds the pid training NAME: a second runner (another session, a restarted grid) skips a
+    run whose process is alive and takes over a lock whose process is gone."""
+    lock = RUNS / f"{spec.name}.lock"
+    try:
+        holder = int(lock.read_text())
+        os.kill(holder, 0)
+        return False  # alive: trained elsewhere
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        lock.write_text(str(os.getpid()))
+        return True
+
+
 def launch(spec: RunSpec, threads: int) -> tuple[str, int, float]:
     """One run in its own process (so each has its own thread budget and a crash costs only that run)."""
     environment = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     RUNS.mkdir(parents=True, exist_ok=True)
+    if record_path(spec).exists() or not take_lock(spec):
+        return spec.name, 0, 0.0
     log = RUNS / f"{spec.name}.log"
     started = time.perf_counter()
     with log.open("a") as out:
-        code = subprocess.call([sys.executable, __file__, "one", spec.name], stdout=out, stderr=subprocess.STDOUT,
-                               env=environment, cwd=REPO)
+        child = subprocess.Popen([sys.executable, __file__, "one", spec.name], stdout=out, stderr=subprocess.STDOUT,
+                                 env=environment, cwd=REPO)
+        (RUNS / f"{spec.name}.lock").write_text(str(child.pid))
+        code = child.wait()
+    (RUNS / f"{spec.name}.lock").unlink(missing_ok=True)
     return spec.name, code, time.perf_counter() - started
 
 
@@ -245,8 +275,9 @@ def run_grid(jobs: int, only: list[str], max_runs: Optional[int]) -> int:
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for name, code, seconds in pool.map(partial(launch, threads=1), pending):
             failures += code != 0
-            print(f"{name}: {'done' if code == 0 else f'FAILED (exit {code}, see {RUNS / name}.log)'} "
-                  f"in {seconds / 60:.1f} min", flush=True)
+            outcome = "done" if code == 0 else f"FAILED (exit {code}, see {RUNS / name}.log)"
+            print(f"{name}: {outcome} in {seconds / 60:.1f} min" if seconds else f"{name}: trained elsewhere",
+                  flush=True)
     return 1 if failures else 0
 
 
@@ -329,6 +360,15 @@ def markdown_tables(summary: dict, split: str) -> str:
         lines.append(f"| {weights[0]} | {weights[1]} | " + " | ".join(
             cell(entry[f"model{m}"][metric]) if entry else "–"
             for m in (1, 2) for metric in ("knn_top1", "linear_top1")) + " |")
+    lines += ["", "### Investigation (CNN–ViT, seed 0 unless n says otherwise): schedule length and crop size", "",
+              "| run | ResNet k-NN | ResNet linear | ViT k-NN | ViT linear |", "|---|---|---|---|---|"]
+    for change, label in (("", "3 epochs, 20/12 px crops (Table 1)"), ("-long", "6 epochs"),
+                          ("-crop28", "28/16 px crops")):
+        for variant in ("dino", "mokd"):
+            entry = summary.get(f"cnn_vit/{variant}{change}")
+            lines.append(f"| {variant.upper()}, {label} | " + " | ".join(
+                cell(entry[f"model{m}"][metric]) if entry else "–"
+                for m in (1, 2) for metric in ("knn_top1", "linear_top1")) + " |")
     lines += ["", "### Table 9 analogue: prediction consistency of the two models (same k-NN class, %)", "",
               "| pair | two DINO models | two MOKD models |", "|---|---|---|"]
     for pair in PAIRS:
