@@ -418,7 +418,12 @@ def plot(records: list[dict], summary: dict) -> list[Path]:
                         s = entry[f"model{which}"][metric]
                         axis.bar(position + (offset - 0.5) * 0.45, s["mean"], 0.45, yerr=s["std"], capsize=3,
                                  color=colour, label=variant.upper() if (index, which) == (0, 1) else None)
-        axis.set_xticks(positions, labels, fontsize=7)
+                untrained = summary.get(f"{pair}/dino")
+                if metric == "knn_top1" and untrained:  # the same networks before training
+                    axis.hlines(untrained[f"model{which}"]["knn_untrained"]["mean"], position - 0.45,
+                                position + 0.45, colors="black", linestyles="dotted",
+                                label="untrained" if (index, which) == (0, 1) else None)
+        axis.set_xticks(positions, labels, fontsize=6)
         axis.set_ylabel(f"{metric.replace('_top1', '')} top-1 (%)")
         axis.set_ylim(bottom=50)
         axis.legend()
