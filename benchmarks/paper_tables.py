@@ -330,6 +330,12 @@ def verdict(dino: dict, mokd: dict) -> str:
     return f"{gain:+.2f}, MOKD {word} DINO (spread {spread:.2f})"
 
 
+def scores_row(entry: Optional[dict]) -> str:
+    """The k-NN and linear cells of model1 then model2, closing a markdown row ("–" where the runs are missing)."""
+    return " | ".join(cell(entry[f"model{m}"][metric]) if entry else "–"
+                      for m in (1, 2) for metric in ("knn_top1", "linear_top1")) + " |"
+
+
 def markdown_tables(summary: dict, split: str) -> str:
     lines = [f"Numbers: top-1 % on the Fashion-MNIST {split} split, mean ± std over seeds (n = seeds).", ""]
     lines += ["### Table 1 analogue: independent DINO vs MOKD", "",
@@ -347,28 +353,19 @@ def markdown_tables(summary: dict, split: str) -> str:
               "| losses | ResNet k-NN | ResNet linear | ViT k-NN | ViT linear |", "|---|---|---|---|---|"]
     for variant, label in (("dino", "L_sm"), ("sm+cm", "L_sm + L_cm"), ("sm+cm+st", "L_sm + L_cm + L_st"),
                            ("mokd", "L_sm + L_cm + L_st + L_ct")):
-        entry = summary.get(f"cnn_vit/{variant}")
-        lines.append(f"| {label} | " + " | ".join(
-            cell(entry[f"model{m}"][metric]) if entry else "–"
-            for m in (1, 2) for metric in ("knn_top1", "linear_top1")) + " |")
+        lines.append(f"| {label} | " + scores_row(summary.get(f"cnn_vit/{variant}")))
     lines += ["", "### Table 8 analogue (CNN–ViT): cross-distillation weights", "",
               "| λ1 (ResNet) | λ2 (ViT) | ResNet k-NN | ResNet linear | ViT k-NN | ViT linear |",
               "|---|---|---|---|---|---|"]
     for variant, weights in (("lam1=0", ("0", "1")), ("mokd", ("0.1", "1")), ("lam1=1", ("1", "1")),
                              ("lam2=0", ("0.1", "0")), ("lam2=0.1", ("0.1", "0.1"))):
-        entry = summary.get(f"cnn_vit/{variant}")
-        lines.append(f"| {weights[0]} | {weights[1]} | " + " | ".join(
-            cell(entry[f"model{m}"][metric]) if entry else "–"
-            for m in (1, 2) for metric in ("knn_top1", "linear_top1")) + " |")
+        lines.append(f"| {weights[0]} | {weights[1]} | " + scores_row(summary.get(f"cnn_vit/{variant}")))
     lines += ["", "### Investigation (CNN–ViT, seed 0 unless n says otherwise): schedule length and crop size", "",
               "| run | ResNet k-NN | ResNet linear | ViT k-NN | ViT linear |", "|---|---|---|---|---|"]
     for change, label in (("", "3 epochs, 20/12 px crops (Table 1)"), ("-long", "6 epochs"),
                           ("-crop28", "28/16 px crops")):
         for variant in ("dino", "mokd"):
-            entry = summary.get(f"cnn_vit/{variant}{change}")
-            lines.append(f"| {variant.upper()}, {label} | " + " | ".join(
-                cell(entry[f"model{m}"][metric]) if entry else "–"
-                for m in (1, 2) for metric in ("knn_top1", "linear_top1")) + " |")
+            lines.append(f"| {variant.upper()}, {label} | " + scores_row(summary.get(f"cnn_vit/{variant}{change}")))
     lines += ["", "### Table 9 analogue: prediction consistency of the two models (same k-NN class, %)", "",
               "| pair | two DINO models | two MOKD models |", "|---|---|---|"]
     for pair in PAIRS:
