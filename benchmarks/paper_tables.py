@@ -166,11 +166,11 @@ def evaluate(run_dir: Path, device) -> dict:
     """k-NN of both teachers at step 0 and after every epoch (test split), and at the end k-NN, linear probe and
     prediction consistency on both the test and the validation split."""
     from mokd.config import load_config
-    from mokd.data import EvalTransform, build_eval_loader, data_statistics, limit_size
+    from mokd.data import EvalTransform, build_eval_loader, data_statistics, limit_size, num_classes
     from mokd.engine.checkpoint import CheckpointManager, load_teachers_file
     from mokd.eval.analysis import prediction_consistency
     from mokd.eval.linear import extract_eval_features
-    from mokd.eval.run_evaluation import (ModelFeatures, eval_dataset, knn_predictions, linear_top1_of,
+    from mokd.eval.run_evaluation import (ModelFeatures, eval_dataset, knn_predictions, knn_top1_of, linear_top1_of,
                                           untrained_networks)
     from mokd.method.pair import build_pair
 
@@ -184,7 +184,7 @@ def evaluate(run_dir: Path, device) -> dict:
     loader = partial(build_eval_loader, transform=transform, batch_size=config.eval.batch_size, num_workers=0)
     loaders = {"bank": loader(limit_size(train_set, config.eval.max_train_samples, config.train.seed))}
     loaders.update({split: loader(eval_dataset(split_config, "test")) for split, split_config in splits.items()})
-    classes = len(train_set.classes)
+    classes = num_classes(train_set)
 
     def features_of(teachers, split_names) -> list[dict]:
         found = []
@@ -196,9 +196,7 @@ def evaluate(run_dir: Path, device) -> dict:
             found.append({split: ModelFeatures(bank, extract(loaders[split])) for split in split_names})
         return found
 
-    def knn_top1(model_features: ModelFeatures) -> float:
-        predicted = knn_predictions(config, model_features, classes)
-        return 100.0 * (predicted == model_features.test.labels).float().mean().item()
+    knn_top1 = partial(knn_top1_of, config, classes=classes)
 
     curve = [{"epoch": 0, "step": 0, "knn_top1": [knn_top1(f["test"]) for f in
                                                    features_of(untrained_networks(config, train_set.channels, device),
