@@ -41,6 +41,8 @@ class TemperatureConfig:
     teacher_end: float = option(0.07, "teacher temperature after the warm-up")
     warmup_epochs_self: float = option(30.0, "teacher-temperature warm-up of the self terms L_sm, L_st (official CNN: 50)")
     warmup_epochs_cross: float = option(30.0, "teacher-temperature warm-up of the cross terms L_cm, L_ct")
+    warmup_unit: str = option("step", "the warm-up moves every step, or once per epoch (epoch: DINO's and the "
+                              "official code's schedule, indexed by epoch)")
 
 
 @dataclass
@@ -64,7 +66,14 @@ class ModelConfig:
     depth: Optional[int] = option(None, "ViT depth (null: timm's)")
     num_heads: Optional[int] = option(None, "ViT attention heads (null: timm's)")
     drop_path: float = option(0.0, "stochastic depth rate of the student (teachers never drop)")
-    trainable_last_layer_norm: bool = option(False, "train weight_g of the weight-normalised last layers")
+    trainable_last_layer_norm: bool = option(False, "train weight_g of the MLP-Head's weight-normalised last layer "
+                                             "(official: false for the CNN, true for the ViT; the T-Head's is "
+                                             "always trained)")
+    zero_init_last_bn: bool = option(False, "ResNet: zero-initialise the last BatchNorm of each residual block "
+                                     "(timm's default; the official torchvision ResNets do not)")
+    thead_optim: str = option("auto", "schedules of this model's T-Head parameter group: own | other (the other "
+                              "model's lr and weight-decay schedules, every T-Head parameter decayed) | auto "
+                              "(other for a CNN paired with a ViT, as in the official code; else own)")
     cross_weight: float = option(1.0, "lambda_i, weight of this model's cross terms L_cm + L_ct")
     optim: OptimConfig = section(OptimConfig, "optimiser and schedules of this student")
     temperature: TemperatureConfig = section(TemperatureConfig, "temperatures of this model's loss terms")
@@ -75,7 +84,10 @@ class HeadConfig:
     out_dim: int = option(65536, "K, output dimension of both heads of both models")
     mlp_hidden_dim: int = option(2048, "MLP-Head hidden width")
     mlp_bottleneck_dim: int = option(256, "MLP-Head bottleneck before the weight-normalised last layer")
-    thead_dim: int = option(384, "T-Head width D (shared: queries cross between the models)")
+    mlp_batchnorm: bool = option(False, "BatchNorm after each hidden Linear of the MLP-Head (DINO's use_bn_in_head; "
+                                 "keeps the teacher from going uniform on small data)")
+    thead_dim: Optional[int] = option(None, "T-Head width D, shared (queries cross between the models); null: "
+                                      "the widest ViT's width (official), 384 for two CNNs")
     thead_depth: int = option(3, "T-Head transformer blocks")
     thead_heads: int = option(6, "T-Head attention heads")
     thead_mlp_ratio: float = option(4.0, "T-Head MLP ratio")
@@ -92,6 +104,11 @@ class LossConfig:
     centre_momentum: float = option(0.9, "momentum m_c of the six centres")
     teacher_momentum: float = option(0.996, "EMA momentum at step 0 (cosine schedule to 1)")
     kernel: str = option("auto", "DINO cross-entropy implementation: auto | triton | torch | reference")
+    centring: str = option("centre", "teacher targets of L_sm, L_st, L_cm: centre (softmax((t - c) / tau_t), the "
+                           "paper) | sinkhorn_knopp (DINOv2/v3: equipartition over the global batch)")
+    sinkhorn_iterations: int = option(3, "Sinkhorn-Knopp normalisation rounds (loss.centring=sinkhorn_knopp)")
+    koleo_weight: float = option(0.0, "weight of the KoLeo regulariser on each student's pooled global-crop "
+                                 "features (DINOv2; spreads features against dimensional collapse); 0: off")
 
 
 @dataclass
@@ -103,6 +120,8 @@ class DataConfig:
     n_local_crops: int = option(8, "local crops per image")
     global_crop_scale: list[float] = option([0.25, 1.0], "area range of global crops")
     local_crop_scale: list[float] = option([0.05, 0.25], "area range of local crops")
+    blur_sigma: list[float] = option([0.1, 2.0], "Gaussian-blur radius range at 224 px; each crop scales it by "
+                                     "its side / 224 (DINO's 0.1-2 px is meant for 224 px crops)")
     num_workers: int = option(2, "data-loading worker processes")
     train_samples: int = option(0, "train on a fixed random subset of this many images (0: the whole split)")
     validation_samples: int = option(0, "carve this many fixed images from the training split as the validation "
@@ -135,6 +154,13 @@ class TrainConfig:
     device: str = option("auto", "auto | cpu | cuda")
     deterministic: bool = option(False, "deterministic algorithms (exact resume on CPU)")
     log_every: int = option(10, "steps between metric records")
+    threads: int = option(0, "intra-op CPU threads per process (0: torch's default, one per core); set 1 when "
+                          "other busy processes share the cores: descheduled threads spin")
+    warn_feature_cosine: float = option(0.95, "warn when a teacher's pooled features reach this mean pairwise cosine "
+                                        "(features collapsing onto one direction)")
+    warn_feature_rank: float = option(1.5, "warn when a teacher's pooled features fall to this effective rank")
+    warn_entropy_fraction: float = option(0.98, "warn when a teacher's entropy reaches this fraction of ln K "
+                                          "(uniform collapse)")
 
 
 @dataclass
@@ -224,6 +250,11 @@ class MOKDConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model1.optim.name": ("sgd", "lars", "adamw"),
     "model2.optim.name": ("sgd", "lars", "adamw"),
+    "model1.thead_optim": ("auto", "own", "other"),
+    "model2.thead_optim": ("auto", "own", "other"),
+    "model1.temperature.warmup_unit": ("step", "epoch"),
+    "model2.temperature.warmup_unit": ("step", "epoch"),
+    "loss.centring": ("centre", "sinkhorn_knopp"),
     "head.attention": ("sdpa", "flash", "math"),
     "loss.search_pairing": ("local_to_global", "global_to_global"),
     "loss.kernel": ("auto", "triton", "torch", "reference"),
@@ -348,7 +379,7 @@ def validate(config: MOKDConfig) -> None:
     if config.parallel.strategy == "deepspeed" and config.train.precision == "fp16":
         raise ConfigError("train.precision=fp16 with parallel.strategy=deepspeed is not supported (one GradScaler "
                           "per model lives outside DeepSpeed's engines): use bf16 or fp32")
-    if config.head.thead_dim % config.head.thead_heads:
+    if config.head.thead_dim is not None and config.head.thead_dim % config.head.thead_heads:
         raise ConfigError(f"head.thead_dim={config.head.thead_dim} is not divisible by head.thead_heads")
     if config.loss.cross_search and config.loss.search_pairing == "local_to_global" and config.data.n_local_crops < 1:
         raise ConfigError("loss.search_pairing=local_to_global needs data.n_local_crops >= 1 "
@@ -358,6 +389,14 @@ def validate(config: MOKDConfig) -> None:
         raise ConfigError(f"data.validation_samples must be >= 0, got {config.data.validation_samples}")
     if config.eval.split == "validation" and config.data.validation_samples == 0:
         raise ConfigError("eval.split=validation needs data.validation_samples > 0 (the images carved from train)")
+    if len(config.data.blur_sigma) != 2 or not 0 < config.data.blur_sigma[0] <= config.data.blur_sigma[1]:
+        raise ConfigError(f"data.blur_sigma must be [low, high] with 0 < low <= high, got {config.data.blur_sigma}")
+    if config.loss.koleo_weight < 0:
+        raise ConfigError(f"loss.koleo_weight must be >= 0, got {config.loss.koleo_weight}")
+    if config.loss.sinkhorn_iterations < 1:
+        raise ConfigError(f"loss.sinkhorn_iterations must be >= 1, got {config.loss.sinkhorn_iterations}")
+    if config.train.threads < 0:
+        raise ConfigError(f"train.threads must be >= 0, got {config.train.threads}")
     if config.train.batch_size < 1:
         raise ConfigError(f"train.batch_size must be >= 1, got {config.train.batch_size}")
     if config.train.epochs < 1:

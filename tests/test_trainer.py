@@ -62,7 +62,7 @@ def independent_dino(config, which: int, batches: list[list[torch.Tensor]]):
     centre = torch.zeros(config.head.out_dim)
     batch = config.train.batch_size
     for step, crops in enumerate(batches):
-        set_schedule(optimizer, float(schedules.lr[step]), float(schedules.weight_decay[step]))
+        set_schedule(optimizer, schedules.group_values(step))
         student_logits = student(crops).mlp_logits
         with torch.no_grad():
             teacher_logits = teacher(crops[:2]).mlp_logits

@@ -70,7 +70,7 @@ class _ToMode:
 class _RandomGaussianBlur:
     """DINO's blur: with probability p, PIL Gaussian blur of radius uniform in [radius_min, radius_max]."""
 
-    def __init__(self, p: float, radius_min: float = 0.1, radius_max: float = 2.0) -> None:
+    def __init__(self, p: float, radius_min: float, radius_max: float) -> None:
         self.p, self.radius_min, self.radius_max = p, radius_min, radius_max
 
     def __call__(self, image: Image.Image) -> Image.Image:
@@ -79,13 +79,17 @@ class _RandomGaussianBlur:
         return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.radius_min, self.radius_max)))
 
 
+BLUR_REFERENCE_SIDE = 224  # the crop side DINO's blur radii (0.1-2 px) were chosen for
+
+
 class MultiCropTransform:
     """DINO multi-crop: a PIL image -> [global_1, global_2, local_1, ..., local_n] normalised tensors.
 
     Per crop: random resized crop (bicubic), horizontal flip p=0.5, colour jitter (0.4, 0.4, 0.2, 0.1) with
     p=0.8, grayscale p=0.2, Gaussian blur (p 1.0 / 0.1 / 0.5 for global 1 / global 2 / locals), solarise p=0.2
-    on global 2 only. With channels=1 the input is converted to "L" and saturation, hue and grayscale are left
-    out: they have no effect on a single channel.
+    on global 2 only. The blur radius range `blur_sigma` is given for 224 px and scaled by each crop's side / 224,
+    so a 20 px crop is blurred as much, relative to its size, as a 224 px one. With channels=1 the input is
+    converted to "L" and saturation, hue and grayscale are left out: they have no effect on a single channel.
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class MultiCropTransform:
         mean: Sequence[float],
         std: Sequence[float],
         channels: int,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
     ) -> None:
         _check_normalisation(mean, std, channels)
         if n_local_crops < 0:
@@ -118,16 +123,20 @@ class MultiCropTransform:
         def crop(size: int, scale: tuple[float, float]) -> T.RandomResizedCrop:
             return T.RandomResizedCrop(size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC)
 
+        def blur(p: float, size: int) -> _RandomGaussianBlur:
+            factor = size / BLUR_REFERENCE_SIDE
+            return _RandomGaussianBlur(p, blur_sigma[0] * factor, blur_sigma[1] * factor)
+
         self.global_1 = T.Compose(
-            [to_mode, crop(global_crop_size, global_crop_scale), *flip_and_colour, _RandomGaussianBlur(1.0),
+            [to_mode, crop(global_crop_size, global_crop_scale), *flip_and_colour, blur(1.0, global_crop_size),
              *normalise]
         )
         self.global_2 = T.Compose(
-            [to_mode, crop(global_crop_size, global_crop_scale), *flip_and_colour, _RandomGaussianBlur(0.1),
+            [to_mode, crop(global_crop_size, global_crop_scale), *flip_and_colour, blur(0.1, global_crop_size),
              T.RandomSolarize(threshold=128, p=0.2), *normalise]
         )
         self.local = T.Compose(
-            [to_mode, crop(local_crop_size, local_crop_scale), *flip_and_colour, _RandomGaussianBlur(0.5),
+            [to_mode, crop(local_crop_size, local_crop_scale), *flip_and_colour, blur(0.5, local_crop_size),
              *normalise]
         )
 

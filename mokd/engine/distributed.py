@@ -86,6 +86,14 @@ def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(zip(values, stacked.unbind()))
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of `tensor` (a new tensor; the input is left as it is)."""
+    total = tensor.clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)
+    return total
+
+
 class CentreSync:
     """The six centres' column sums and row counts all-reduced as one flat buffer, once per step, optionally
     started early (async) so that the transfer overlaps the backward pass."""

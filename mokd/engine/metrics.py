@@ -34,6 +34,13 @@ class MetricsLogger:
             self.progress.set_postfix({name.split("/", 1)[-1]: f"{value:.3g}" for name, value in scalars.items()
                                        if name.startswith("loss/") and name.endswith("total")})
 
+    def write_line(self, line: str) -> None:
+        """A message for the user (a warning), printed without breaking the progress bar."""
+        if self.progress is not None:
+            self.progress.write(line)
+        else:
+            print(line, flush=True)
+
     def advance(self, steps: int = 1) -> None:
         if self.progress is not None:
             self.progress.update(steps)

@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
+MODEL_SCHEDULE, THEAD_SCHEDULE = "model", "thead"
 
-def parameter_groups(model: nn.Module) -> list[dict]:
+
+def parameter_groups(model: nn.Module, thead_schedule: bool = False) -> list[dict]:
     """Weights (decayed) and biases / norm parameters / 1-d tensors (never decayed), each split into the heads'
-    last layers and the rest (the last layers are frozen early on; see set_schedule). Empty groups are left out."""
+    last layers and the rest (the last layers are frozen early on; see set_schedule). Each group names the
+    schedule it follows: the model's own, or with `thead_schedule` the T-Head's own group (the official CNN
+    T-Head group: the ViT's lr and weight decay, applied to every one of its parameters). Empty groups are left
+    out."""
     last_layer_ids = {id(p) for layer in getattr(model, "last_layers", lambda: [])() for p in layer.parameters()}
-    groups = {(decay, last): [] for decay in (True, False) for last in (False, True)}
+    thead = getattr(model, "thead", None)
+    thead_ids = {id(p) for p in thead.parameters()} if thead_schedule and thead is not None else set()
+    groups: dict[tuple[str, bool, bool], list] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        decay = not (parameter.ndim <= 1 or name.endswith(".bias"))
-        groups[(decay, id(parameter) in last_layer_ids)].append(parameter)
-    return [{"params": params, "apply_weight_decay": decay, "last_layer": last}
-            for (decay, last), params in groups.items() if params]
+        schedule = THEAD_SCHEDULE if id(parameter) in thead_ids else MODEL_SCHEDULE
+        decay = schedule == THEAD_SCHEDULE or not (parameter.ndim <= 1 or name.endswith(".bias"))
+        groups.setdefault((schedule, decay, id(parameter) in last_layer_ids), []).append(parameter)
+    return [{"params": params, "schedule": schedule, "apply_weight_decay": decay, "last_layer": last}
+            for (schedule, decay, last), params in sorted(groups.items(), key=lambda item: item[0])]
 
 
 class LARS(torch.optim.Optimizer):
@@ -54,12 +62,14 @@ class LARS(torch.optim.Optimizer):
 IMPLEMENTATIONS = {"loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 
 
-def build_optimizer(model: nn.Module, optim_config, implementation: str = "foreach") -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, optim_config, implementation: str = "foreach",
+                    thead_schedule: bool = False) -> torch.optim.Optimizer:
     """The student's optimiser; `implementation` (perf.optimizer) picks torch's per-tensor loop, multi-tensor
-    (foreach) or single-kernel (fused) update for sgd and adamw. LARS has its own per-tensor step."""
+    (foreach) or single-kernel (fused) update for sgd and adamw. LARS has its own per-tensor step.
+    `thead_schedule`: the T-Head is its own parameter group with its own schedules (see parameter_groups)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"optimiser implementation {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}")
-    groups = parameter_groups(model)
+    groups = parameter_groups(model, thead_schedule)
     flavour = IMPLEMENTATIONS[implementation]
     # lr and weight decay are set by the schedules before every step.
     if optim_config.name == "adamw":
@@ -71,11 +81,15 @@ def build_optimizer(model: nn.Module, optim_config, implementation: str = "forea
     raise ValueError(f"optim.name={optim_config.name!r} is not one of sgd, lars, adamw")
 
 
-def set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float,
-                 freeze_last_layer: bool = False) -> None:
-    """This step's lr and weight decay on every group; with freeze_last_layer, the last-layer groups get
-    neither (used where gradients cannot be dropped per parameter, i.e. under ZeRO)."""
+GroupValues = Mapping[str, tuple[float, float]]  # schedule name -> (lr, weight decay) at this step
+
+
+def set_schedule(optimizer: torch.optim.Optimizer, values: GroupValues, freeze_last_layer: bool = False) -> None:
+    """This step's lr and weight decay on every group, from the schedule the group follows; with
+    freeze_last_layer, the last-layer groups get neither (used where gradients cannot be dropped per parameter,
+    i.e. under ZeRO)."""
     for group in optimizer.param_groups:
+        lr, weight_decay = values[group["schedule"]]
         frozen = freeze_last_layer and group["last_layer"]
         group["lr"] = 0.0 if frozen else lr
         group["weight_decay"] = weight_decay if group["apply_weight_decay"] and not frozen else 0.0

@@ -18,8 +18,9 @@ import torch
 from mokd.config import MOKDConfig, save_config, to_yaml
 from mokd.data import (MultiCropTransform, build_train_loader, data_statistics, dataset_for, limit_size, loader_statistics,
                        shard_train_loader)
+from mokd.engine.collapse_watch import CollapseWatch
 from mokd.engine.checkpoint import META_FILE, TEACHERS_FILE, CheckpointError, CheckpointManager
-from mokd.engine.distributed import CentreSync, World, all_reduce_mean, init_world
+from mokd.engine.distributed import CentreSync, World, all_reduce_mean, all_reduce_sum, init_world
 from mokd.engine.metrics import MetricsLogger
 from mokd.engine.optim import build_optimizer
 from mokd.engine.perf import apply_perf
@@ -28,7 +29,7 @@ from mokd.engine.runtime import (autocast, autocast_dtype, peak_memory_bytes, re
 from mokd.engine.strategies import build_strategy
 from mokd.method.mokd import Centres, MOKDObjective, StepLosses, Temperatures, untimed
 from mokd.method.network import Network
-from mokd.method.pair import build_network, build_pair
+from mokd.method.pair import build_network, build_pair, thead_follows_other
 from mokd.method.schedules import ModelSchedules
 
 
@@ -42,7 +43,7 @@ def build_train_data(config: MOKDConfig, rank: int = 0, world_size: int = 1):
     mean, std = data_statistics(data, dataset.channels)
     transform = MultiCropTransform(data.global_crop_size, data.local_crop_size, data.n_local_crops,
                                    tuple(data.global_crop_scale), tuple(data.local_crop_scale), mean, std,
-                                   dataset.channels)
+                                   dataset.channels, tuple(data.blur_sigma))
     if data.source == "webdataset":
         loader = shard_train_loader(data, transform, config.train.batch_size, config.train.seed, rank, world_size)
         return dataset, loader, loader
@@ -51,9 +52,14 @@ def build_train_data(config: MOKDConfig, rank: int = 0, world_size: int = 1):
     return dataset, loader, sampler
 
 
+FEATURE_MONITOR_TAGS = {"mean_cosine": "feature_cosine", "effective_rank": "feature_rank"}
+
+
 class Trainer:
     def __init__(self, config: MOKDConfig, show_progress: bool = True) -> None:
         self.config = config
+        if config.train.threads:
+            torch.set_num_threads(config.train.threads)
         self.run_dir = Path(config.run_dir)
         self.world: World = init_world(resolve_device(config.train.device), config.parallel)
         self.device = self.world.device
@@ -80,13 +86,18 @@ class Trainer:
         self.centres = Centres(config.head.out_dim).to(self.device)
         model_configs = (config.model1, config.model2)
         self.objective = MOKDObjective(config.loss, tuple(model.cross_weight for model in model_configs))
+        if self.world.distributed:
+            self.objective.reduce_sum = all_reduce_sum
         self.strategy = build_strategy(config, self.world, self.amp_dtype)
+        thead_other = [thead_follows_other(config, i) for i in range(len(model_configs))]
         self.strategy.setup(tuple(apply_perf(s.to(self.device), config.perf) for s in students),
                             tuple(apply_perf(t.to(self.device), config.perf) for t in teachers),
-                            lambda network, i: build_optimizer(network, model_configs[i].optim, config.perf.optimizer))
+                            lambda network, i: build_optimizer(network, model_configs[i].optim, config.perf.optimizer,
+                                                               thead_schedule=thead_other[i]))
         global_batch = config.train.batch_size * self.world.world_size
-        self.schedules = [ModelSchedules(model, config.loss, self.total_steps, self.steps_per_epoch, global_batch)
-                          for model in model_configs]
+        self.schedules = [ModelSchedules(model, config.loss, self.total_steps, self.steps_per_epoch, global_batch,
+                                         thead_optim=model_configs[1 - i].optim if thead_other[i] else None)
+                          for i, model in enumerate(model_configs)]
 
         self.phase = untimed  # the step's phase hook; a profiler installs a timer with set_phase_hook
 
@@ -95,6 +106,8 @@ class Trainer:
             self.load(latest)
         self.metrics = (MetricsLogger(self.run_dir, self.last_step, self.step, show_progress)
                         if self.world.is_main else None)
+        self.collapse_watch = CollapseWatch(config.head.out_dim, config.train.warn_feature_cosine,
+                                            config.train.warn_feature_rank, config.train.warn_entropy_fraction)
 
     @property
     def students(self) -> tuple:
@@ -134,7 +147,7 @@ class Trainer:
         with phase("optimizer"):
             grad_norms = []
             for i, (schedule, model) in enumerate(zip(self.schedules, (self.config.model1, self.config.model2))):
-                strategy.set_schedule(i, float(schedule.lr[step]), float(schedule.weight_decay[step]), frozen[i])
+                strategy.set_schedule(i, schedule.group_values(step), frozen[i])
                 grad_norms.append(strategy.optimizer_step(i, model.optim.clip_grad, frozen[i]))
 
         with torch.no_grad():
@@ -203,10 +216,15 @@ class Trainer:
             averaged[f"loss/model{which}/total"] = total
         averaged.update({f"collapse/teacher_entropy/{name}": v for name, v in losses.teacher_entropy.items()})
         averaged.update({f"collapse/kl_teacher_student/{name}": v for name, v in losses.kl_teacher_student.items()})
+        for name, value in losses.feature_monitors.items():
+            model, statistic = name.split("/")
+            averaged[f"collapse/{FEATURE_MONITOR_TAGS[statistic]}/{model}"] = value
         scalars = {name: value.item() for name, value in all_reduce_mean(averaged).items()}
         for which, (schedule, norm) in enumerate(zip(self.schedules, grad_norms), start=1):
             scalars[f"schedule/model{which}/lr"] = float(schedule.lr[step])
             scalars[f"schedule/model{which}/weight_decay"] = float(schedule.weight_decay[step])
+            scalars[f"schedule/model{which}/thead_lr"] = float(schedule.thead_lr[step])
+            scalars[f"schedule/model{which}/thead_weight_decay"] = float(schedule.thead_weight_decay[step])
             scalars[f"schedule/model{which}/teacher_momentum"] = float(schedule.teacher_momentum[step])
             scalars[f"schedule/model{which}/teacher_temperature_self"] = float(schedule.teacher_temperature_self[step])
             scalars[f"schedule/model{which}/teacher_temperature_cross"] = float(schedule.teacher_temperature_cross[step])
@@ -217,6 +235,8 @@ class Trainer:
         scalars.update(loader_statistics(self.loader))
         if self.metrics is not None:
             self.metrics.log(self.step, scalars)
+            for line in self.collapse_watch.check(self.step, scalars):
+                self.metrics.write_line(line)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save(self) -> Path:

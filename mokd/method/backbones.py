@@ -14,6 +14,7 @@ from torch import nn
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 VIT_HEADS = {"vit_tiny_patch16_224": 3, "vit_small_patch16_224": 6, "vit_base_patch16_224": 12}
+VIT_WIDTHS = {"vit_tiny_patch16_224": 192, "vit_small_patch16_224": 384, "vit_base_patch16_224": 768}
 VITS = tuple(VIT_HEADS)
 SMALL_IMAGE_PATCH = 4
 
@@ -35,6 +36,8 @@ def check_backbone(name: str, model_config) -> None:
     for key in ("depth", "num_heads"):
         if getattr(model_config, key) is not None and not is_vit:
             raise ConfigError(f"{name}.{key} applies to ViT backbones only, not {model_config.backbone}")
+    if is_vit and model_config.zero_init_last_bn:
+        raise ConfigError(f"{name}.zero_init_last_bn applies to ResNet backbones only, not {model_config.backbone}")
     if is_vit and model_config.width is not None:
         heads = model_config.num_heads or VIT_HEADS[model_config.backbone]
         if model_config.width % heads:
@@ -66,6 +69,9 @@ def create_timm_model(model_config, in_chans: int, image_size: int, drop_path: f
     if model_config.width is not None:
         width = model_config.width
         kwargs.update(stem_width=width, channels=(width, 2 * width, 4 * width, 8 * width))
+    # timm zero-initialises the last BatchNorm of every residual block by default; the official code's
+    # torchvision ResNets do not (zero_init_residual=False), so neither do we unless asked.
+    kwargs["zero_init_last"] = model_config.zero_init_last_bn
     model = timm.create_model(model_config.backbone, **kwargs)
     if model_config.small_image:
         # CIFAR-style stem: a 3x3 stride-1 convolution and no max-pool, so 28-32 px images keep a 4x4 map.
@@ -84,6 +90,11 @@ class Backbone(nn.Module):
         self.net = create_timm_model(model_config, in_chans, image_size, drop_path)
         self.num_features: int = self.net.num_features
         self.channels_last = False
+
+    @staticmethod
+    def width_of(model_config) -> int:
+        """A ViT's embedding width (its configured width, else timm's for the architecture)."""
+        return model_config.width or VIT_WIDTHS[model_config.backbone]
 
     def use_channels_last(self, enabled: bool) -> None:
         """ResNets: weights and inputs in NHWC, the layout tensor-core convolutions read directly. ViTs: no-op."""

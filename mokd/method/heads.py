@@ -27,8 +27,9 @@ class WeightNormLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, trainable_norm: bool) -> None:
         super().__init__()
-        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
-        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        # v keeps nn.Linear's default initialisation (as the official heads do: weight_norm wraps a fresh Linear),
+        # rows of norm ~0.58 rather than trunc-normal(0.02)'s ~0.16; only its direction enters the output.
+        self.weight_v = nn.Parameter(nn.Linear(in_features, out_features, bias=False).weight.detach().clone())
         self.weight_g = nn.Parameter(torch.ones(out_features, 1), requires_grad=trainable_norm)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -37,15 +38,22 @@ class WeightNormLinear(nn.Module):
 
 
 class MLPHead(nn.Module):
-    """Linear(C,2048)-GELU-Linear(2048,2048)-GELU-Linear(2048,256), L2-normalise, weight-normed Linear(256,K)."""
+    """Linear(C,2048)-GELU-Linear(2048,2048)-GELU-Linear(2048,256), L2-normalise, weight-normed Linear(256,K).
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, bottleneck_dim: int, trainable_norm: bool) -> None:
+    With `batchnorm` (DINO's use_bn_in_head) a BatchNorm1d follows each hidden Linear: on small data the plain
+    head maps every image to one vector within tens of steps, and the centred teacher turns uniform; the batch
+    statistics keep the hidden features spread. Under every multi-process strategy the BatchNorm becomes
+    GlobalBatchNorm like the backbone's, so it sees the whole global batch.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, bottleneck_dim: int, trainable_norm: bool,
+                 batchnorm: bool = False) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.GELU(),
-            nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
-            nn.Linear(hidden_dim, bottleneck_dim),
-        )
+
+        def hidden(width_in: int) -> list[nn.Module]:
+            return [nn.Linear(width_in, hidden_dim), *([nn.BatchNorm1d(hidden_dim)] if batchnorm else []), nn.GELU()]
+
+        self.mlp = nn.Sequential(*hidden(in_dim), *hidden(hidden_dim), nn.Linear(hidden_dim, bottleneck_dim))
         self.mlp.apply(_init_linear)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, trainable_norm)
 
@@ -88,22 +96,24 @@ class TransformerBlock(nn.Module):
 class THead(nn.Module):
     """T-Head g: project C -> D, add a learned positional embedding, 3 ViT-S blocks, LayerNorm, mean, Linear(D,K).
 
-    The positional embedding is learned on the global crops' token grid and interpolated to any other
+    As in the official code the projection keeps its layer's default initialisation (a 1x1 convolution there, the
+    same fan-in uniform as nn.Linear's), the blocks are trunc-normal(0.02), and the last layer's norm weight_g is
+    always trainable (whatever the model's MLP-Head does). The positional embedding is learned on the global crops' token grid and interpolated to any other
     grid. With a query (feature search), the query is prepended without a positional embedding; through
     self-attention the tokens are re-weighted toward it, and its own output is dropped before the mean.
     """
 
     def __init__(self, in_dim: int, out_dim: int, dim: int, depth: int, num_heads: int, mlp_ratio: float,
-                 base_grid: tuple[int, int], attention_backend: str, trainable_norm: bool) -> None:
+                 base_grid: tuple[int, int], attention_backend: str) -> None:
         super().__init__()
-        self.proj = nn.Identity() if in_dim == dim else nn.Linear(in_dim, dim)
         self.base_grid = base_grid
         self.pos_embed = nn.Parameter(torch.zeros(1, base_grid[0] * base_grid[1], dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.blocks = nn.ModuleList(TransformerBlock(dim, num_heads, mlp_ratio, attention_backend) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.apply(_init_linear)
-        self.last_layer = WeightNormLinear(dim, out_dim, trainable_norm)
+        self.proj = nn.Identity() if in_dim == dim else nn.Linear(in_dim, dim)  # after apply: default init
+        self.last_layer = WeightNormLinear(dim, out_dim, trainable_norm=True)
 
     def project_query(self, pooled: torch.Tensor) -> torch.Tensor:
         """q = P(z): the query this model sends into the other model's teacher T-Head, [B, D]."""

@@ -6,7 +6,10 @@ For model i (j is the other one), with h the MLP-Head, g the T-Head, ' the EMA t
     L_st,i = DINO(g_i(all crops), g'_i(globals); c_st,i)       self, T-Head
     L_cm,i = DINO(h_i(all crops), h'_j(globals); c_cm,i)       cross, MLP-Head
     L_ct,i = CE(g'_j([q_i ; Z'_j(x_t)]), g_i(crops))           cross, feature search (no centre)
-    L_i    = L_sm,i + L_st,i + lambda_i * (L_cm,i + L_ct,i)
+    L_i    = L_sm,i + L_st,i + lambda_i * (L_cm,i + L_ct,i)  [+ w_koleo * KoLeo(z_i of each global crop)]
+
+With loss.centring=sinkhorn_knopp the targets of L_sm, L_st, L_cm are Sinkhorn-Knopp equipartitions of the
+teacher logits over the global batch instead of softmax((t - c) / tau_t) (method/centring.py).
 
 Every target and every query is computed without gradient, so L_1 depends only on student 1 and L_2
 only on student 2: one backward of L_1 + L_2 trains both.
@@ -22,6 +25,9 @@ import torch
 from torch import nn
 
 from mokd.kernels import DinoCrossEntropyOutput, dino_cross_entropy, ema_
+from mokd.method.centring import ReduceSum, no_reduction, sinkhorn_knopp
+from mokd.method.koleo import koleo_loss
+from mokd.method.monitors import feature_statistics
 from mokd.method.network import NetworkOutput, search_request, searched_rows
 
 TERMS = ("sm", "st", "cm", "ct")
@@ -73,7 +79,8 @@ class StepLosses(NamedTuple):
     teacher_entropy: dict[str, torch.Tensor]  # collapse monitor per term
     kl_teacher_student: dict[str, torch.Tensor]  # collapse monitor per term
     centre_sums: torch.Tensor  # [6, K] column sums of the raw teacher logits, for the centre update
-    centre_rows: torch.Tensor  # [6] teacher rows behind each sum (0: term did not run)
+    centre_rows: torch.Tensor  # [6] teacher rows behind each sum (0: term did not run or was not centred)
+    feature_monitors: dict[str, torch.Tensor]  # "model1/mean_cosine", "model1/effective_rank" ... of the teachers
 
 
 class MOKDObjective:
@@ -84,9 +91,8 @@ class MOKDObjective:
         self.cross_weights = cross_weights
         # phase(name) wraps each part of the computation (student_forward, teacher_forward, search, losses).
         self.phase: Callable[[str], ContextManager] = untimed
-
-    def uses_thead(self) -> bool:
-        return self.config.self_thead or self.config.cross_search
+        # Sums a tensor over ranks (Sinkhorn-Knopp's global-batch normalisation); the engine installs its own.
+        self.reduce_sum: ReduceSum = no_reduction
 
     def active_terms(self, model: int) -> list[str]:
         cross = self.cross_weights[model] > 0
@@ -97,6 +103,10 @@ class MOKDObjective:
     def _dino(self, student: torch.Tensor, teacher: torch.Tensor, centre: Optional[torch.Tensor],
               temperatures: Temperatures, teacher_temperature: float, batch_size: int,
               pairing: str = "dino") -> DinoCrossEntropyOutput:
+        if centre is not None and self.config.centring == "sinkhorn_knopp":
+            # The kernel takes logits: log p at temperature 1 gives back p exactly under its softmax.
+            targets = sinkhorn_knopp(teacher, teacher_temperature, self.config.sinkhorn_iterations, self.reduce_sum)
+            teacher, centre, teacher_temperature = targets.clamp(min=1e-30).log(), None, 1.0
         return dino_cross_entropy(student, teacher, centre, temperatures.student, teacher_temperature,
                                   batch_size, pairing=pairing, impl=self.config.kernel)
 
@@ -122,7 +132,7 @@ class MOKDObjective:
     def _losses(self, centres: Centres, teacher_outs: list[NetworkOutput], student_outs: list[NetworkOutput],
                 search_logits: list[Optional[torch.Tensor]], rows: slice,
                 temperatures: tuple[Temperatures, Temperatures], batch_size: int) -> StepLosses:
-        totals, terms, entropy, kl = [], {}, {}, {}
+        totals, terms, entropy, kl, monitors = [], {}, {}, {}, {}
         centre_sums = torch.zeros_like(centres.values)
         centre_rows = torch.zeros(centres.values.shape[0], device=centres.values.device)
         for i in (0, 1):
@@ -144,6 +154,12 @@ class MOKDObjective:
                     results[term] = self._dino(mine.thead_logits[rows], search_logits[i], None, temps,
                                                temps.teacher_cross, batch_size, pairing="one_to_one")
             total = torch.zeros((), device=centres.values.device)
+            if self.config.koleo_weight > 0:  # on each global crop's pooled student features, as DINOv2
+                koleo = sum(koleo_loss(crop) for crop in mine.pooled[:2 * batch_size].split(batch_size)) / 2
+                total = total + self.config.koleo_weight * koleo
+                terms[f"model{i + 1}/koleo"] = koleo.detach()
+            for name, value in feature_statistics(own_teacher.pooled).items():
+                monitors[f"model{i + 1}/{name}"] = value
             for term, result in results.items():
                 weight = self.cross_weights[i] if term in ("cm", "ct") else 1.0
                 total = total + weight * result.loss
@@ -152,9 +168,9 @@ class MOKDObjective:
                 entropy[name] = result.teacher_entropy
                 # Each teacher view enters the same number of pairs, so mean CE - mean H(p) = mean KL(p || q).
                 kl[name] = result.loss.detach() - result.teacher_entropy
-                if term in CENTRED_TERMS:
+                if term in CENTRED_TERMS and self.config.centring == "centre":
                     row = centres.row(i, term)
                     centre_sums[row] = result.teacher_column_sum
                     centre_rows[row] = 2 * batch_size
             totals.append(total)
-        return StepLosses(totals, terms, entropy, kl, centre_sums, centre_rows)
+        return StepLosses(totals, terms, entropy, kl, centre_sums, centre_rows, monitors)

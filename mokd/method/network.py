@@ -58,22 +58,23 @@ def resolution_groups(crops: list[torch.Tensor]) -> list[tuple[int, int]]:
 class Network(nn.Module):
     """f + h (+ g). Students and teachers are both Networks; a teacher starts as a copy of its student."""
 
-    def __init__(self, model_config, head_config, in_chans: int, global_crop_size: int, with_thead: bool,
+    def __init__(self, model_config, head_config, in_chans: int, global_crop_size: int, thead_dim: Optional[int],
                  drop_path: float) -> None:
+        """`thead_dim`: the T-Head width D shared by the pair (see pair.thead_width), or None for no T-Head."""
         super().__init__()
         self.backbone = Backbone(model_config, in_chans, global_crop_size, drop_path)
         channels = self.backbone.num_features
-        trainable_norm = model_config.trainable_last_layer_norm
         self.mlp_head = MLPHead(channels, head_config.out_dim, head_config.mlp_hidden_dim,
-                                head_config.mlp_bottleneck_dim, trainable_norm)
+                                head_config.mlp_bottleneck_dim, model_config.trainable_last_layer_norm,
+                                batchnorm=head_config.mlp_batchnorm)
         # One backbone pass per resolution group (true) or per crop (the official per-crop loop; perf.grouped_crops).
         self.grouped_crops = True
         self.thead: Optional[THead] = None
-        if with_thead:
+        if thead_dim is not None:
             side = global_crop_size // patch_size(model_config)
-            self.thead = THead(channels, head_config.out_dim, head_config.thead_dim, head_config.thead_depth,
+            self.thead = THead(channels, head_config.out_dim, thead_dim, head_config.thead_depth,
                                head_config.thead_heads, head_config.thead_mlp_ratio, (side, side),
-                               head_config.attention, trainable_norm)
+                               head_config.attention)
 
     def last_layers(self) -> list[nn.Module]:
         """The weight-normalised output layers, frozen during the first epoch(s)."""

@@ -5,7 +5,7 @@ steps, how its teacher is kept (sharded exactly like the student, so the EMA tou
 how both are written to and read from a checkpoint directory. The trainer sees only this interface:
 
     setup(students, teachers, make_optimizer)      wrap; afterwards .students / .teachers are the callables
-    set_schedule(i, lr, wd, freeze_last_layer)     before the forward
+    set_schedule(i, values, freeze_last_layer)     lr and wd per parameter-group schedule, before the step
     backward(totals)                               one backward of L_1 + L_2
     optimizer_step(i, clip, freeze_last_layer)     -> gradient norm of student i
     update_teachers(momenta)                       shard-local EMA, no collective
@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from mokd.engine.distributed import World
-from mokd.engine.optim import clip_gradients_, drop_last_layer_gradients_, set_schedule
+from mokd.engine.optim import GroupValues, clip_gradients_, drop_last_layer_gradients_, set_schedule
 from mokd.kernels import EmaPlan, ema_per_tensor_
 
 OptimizerFactory = Callable[[nn.Module, int], torch.optim.Optimizer]
@@ -69,8 +69,8 @@ class Strategy:
         return list(module.parameters())
 
     # ---- the step ------------------------------------------------------------------------------
-    def set_schedule(self, index: int, lr: float, weight_decay: float, freeze_last_layer: bool) -> None:
-        set_schedule(self.optimizers[index], lr, weight_decay)
+    def set_schedule(self, index: int, values: GroupValues, freeze_last_layer: bool) -> None:
+        set_schedule(self.optimizers[index], values)
 
     def backward(self, totals: list[torch.Tensor]) -> None:
         # L_1 depends only on student 1 and L_2 only on student 2: one backward trains both.

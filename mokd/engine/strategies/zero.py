@@ -24,7 +24,7 @@ from torch import nn
 
 from mokd.engine.batchnorm import convert_to_global_batchnorm
 from mokd.engine.checkpoint import load_teachers_file
-from mokd.engine.optim import set_schedule
+from mokd.engine.optim import GroupValues, set_schedule
 from mokd.engine.strategies.base import Strategy, tensor_bytes
 
 
@@ -83,8 +83,8 @@ class DeepSpeedStrategy(Strategy):
         return list(module.parameters())
 
     # ---- the step ------------------------------------------------------------------------------
-    def set_schedule(self, index: int, lr: float, weight_decay: float, freeze_last_layer: bool) -> None:
-        set_schedule(self.optimizers[index], lr, weight_decay, freeze_last_layer=freeze_last_layer)
+    def set_schedule(self, index: int, values: GroupValues, freeze_last_layer: bool) -> None:
+        set_schedule(self.optimizers[index], values, freeze_last_layer=freeze_last_layer)
 
     def backward(self, totals: list[torch.Tensor]) -> None:
         for engine, total in zip(self.engines, totals):  # disjoint graphs: each engine reduces its own gradients
