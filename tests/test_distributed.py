@@ -6,7 +6,9 @@ each step (averaged over ranks) and the teachers' weights after 3 steps must agr
 noise (losses rtol 1e-4; weights atol 2e-5, rtol 1e-4). DeepSpeed clips the global gradient norm and freezes
 the last layers through a zero learning rate (see engine/strategies/zero.py), so its comparisons run with
 clipping and freezing off on both sides; the others keep DINO's per-parameter clipping, tightened to 0.05 so
-that it acts, and the first-epoch freeze.
+that it acts, and the first-epoch freeze. Every run has BatchNorm in the MLP-Heads (head.mlp_batchnorm: their
+GlobalBatchNorm must see the global batch too), and the ddp run takes Sinkhorn-Knopp targets, whose
+normalisations must sum over both ranks.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ STEPS = 3
 CLIPPED = ["model1.optim.clip_grad=0.05", "model2.optim.clip_grad=0.05"]
 UNCLIPPED = ["model1.optim.clip_grad=0", "model2.optim.clip_grad=0",
              "model1.optim.freeze_last_layer_epochs=0", "model2.optim.freeze_last_layer_epochs=0"]
-COMMON = [f"train.max_steps={STEPS}", "checkpoint.every_steps=1", "checkpoint.keep_last=5", "train.log_every=1"]
+COMMON = [f"train.max_steps={STEPS}", "checkpoint.every_steps=1", "checkpoint.keep_last=5", "train.log_every=1",
+          "head.mlp_batchnorm=true"]
+SINKHORN = ["loss.centring=sinkhorn_knopp"]
 
 
 def launch(out: Path, run_dir: Path, overrides: list[str], processes: int = 2) -> dict:
@@ -70,7 +74,7 @@ def assert_same_teachers(mine: list[dict], reference: list[dict]) -> None:
 def references(tmp_path_factory):
     """One process, 8 images per step: the run every strategy must reproduce (with and without clipping)."""
     runs = {}
-    for name, extra in (("clipped", CLIPPED), ("unclipped", UNCLIPPED)):
+    for name, extra in (("clipped", CLIPPED), ("unclipped", UNCLIPPED), ("clipped_sinkhorn", CLIPPED + SINKHORN)):
         run_dir = tmp_path_factory.mktemp(f"single_{name}")
         trainer = Trainer(tiny_config(run_dir, extra=COMMON + extra), show_progress=False)
         trainer.train()
@@ -83,7 +87,7 @@ def per_rank(extra: list[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("strategy, extra, reference", [
-    ("ddp", ["parallel.strategy=ddp"], "clipped"),
+    ("ddp", ["parallel.strategy=ddp", *SINKHORN], "clipped_sinkhorn"),
     ("fsdp", ["parallel.strategy=fsdp"], "clipped"),
     ("zero1", ["parallel.strategy=deepspeed", "parallel.zero_stage=1"], "unclipped"),
     ("zero2", ["parallel.strategy=deepspeed", "parallel.zero_stage=2"], "unclipped"),
@@ -92,7 +96,7 @@ def per_rank(extra: list[str]) -> list[str]:
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, references, strategy, extra,
                                                                     reference):
     reference_dir, reference_losses, reference_teachers = references[reference]
-    clip = CLIPPED if reference == "clipped" else UNCLIPPED
+    clip = CLIPPED if reference.startswith("clipped") else UNCLIPPED
     run_dir = tmp_path / "run"
     report = launch(tmp_path / "out", run_dir, per_rank(extra + clip))
     assert report["world_size"] == 2 and report["step"] == STEPS

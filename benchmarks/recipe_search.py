@@ -1,0 +1,109 @@
+"""The search for a small-scale recipe in which every model learns, scored on the validation split only.
+
+    python benchmarks/recipe_search.py run NAME [NAME ...] [--jobs 2]
+    python benchmarks/recipe_search.py list
+    python benchmarks/recipe_search.py report
+
+Each candidate is a pair preset, a loss configuration (independent DINO or MOKD) and a list of overrides on top
+of the paper-tables budget (benchmarks/paper_tables.py: BUDGET). A run trains with `mokd train` (one thread,
+one process per run) and scores both teacher backbones with k-NN on the 5,000 validation images, next to the
+same networks untrained; the record (results/recipe_search/NAME.json) keeps the overrides, both scores per
+model, the final collapse monitors and the wall time. No test-split number is ever looked at here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paper_tables import BUDGET, LOSSES, PAIRS, REPO  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results" / "recipe_search"
+RUNS = REPO / "runs" / "recipe_search"
+SCORING = ["eval.split=validation", "eval.knn_at_end=true", "eval.knn_untrained=true"]
+
+BN_HEAD = ["head.mlp_batchnorm=true"]
+CANDIDATES: dict[str, tuple[str, str, list[str]]] = {  # name -> (pair, loss, overrides)
+    "cnn_vit-dino-official": ("cnn_vit", "dino", ["model2.optim.base_lr=5e-4"]),
+    "cnn_vit-dino-bn": ("cnn_vit", "dino", ["model2.optim.base_lr=5e-4", *BN_HEAD]),
+    "cnn_vit-dino-bn-koleo-sk": ("cnn_vit", "dino", ["model2.optim.base_lr=5e-4", *BN_HEAD, "loss.koleo_weight=0.1",
+                                                    "loss.centring=sinkhorn_knopp"]),
+    "cnn_vit-dino-bn-koleo": ("cnn_vit", "dino", ["model2.optim.base_lr=5e-4", *BN_HEAD, "loss.koleo_weight=0.1"]),
+    "cnn_vit-dino-bn-sk": ("cnn_vit", "dino", ["model2.optim.base_lr=5e-4", *BN_HEAD, "loss.centring=sinkhorn_knopp"]),
+    "cnn_vit-dino-bn-m97": ("cnn_vit", "dino", ["model2.optim.base_lr=5e-4", *BN_HEAD, "loss.teacher_momentum=0.97"]),
+    "cnn_vit-dino-bn-koleo-m97": ("cnn_vit", "dino", ["model2.optim.base_lr=5e-4", *BN_HEAD, "loss.koleo_weight=0.1",
+                                                     "loss.teacher_momentum=0.97"]),
+    "cnn_vit-dino-bn-koleo-lr2e3": ("cnn_vit", "dino", ["model2.optim.base_lr=2e-3", *BN_HEAD,
+                                                       "loss.koleo_weight=0.1"]),
+}
+
+
+def arguments(name: str) -> list[str]:
+    pair, loss, overrides = CANDIDATES[name]
+    return ["train", "--preset", PAIRS[pair], "--no-progress", *BUDGET, *LOSSES[loss], *overrides, *SCORING,
+            "train.threads=1", f"run_dir={RUNS / name}"]
+
+
+def run_one(name: str) -> str:
+    if (RESULTS / f"{name}.json").exists():
+        return f"{name}: done before"
+    started = time.perf_counter()
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    RUNS.mkdir(parents=True, exist_ok=True)
+    with open(RUNS / f"{name}.log", "w") as log:
+        code = subprocess.call([sys.executable, "-m", "mokd.launch.cli", *arguments(name)], stdout=log,
+                               stderr=subprocess.STDOUT, env=environment, cwd=REPO)
+    if code != 0:
+        return f"{name}: failed with exit code {code} (see {RUNS / name}.log)"
+    results = json.loads((RUNS / name / "results.json").read_text())
+    last = json.loads((RUNS / name / "metrics.jsonl").read_text().splitlines()[-1])
+    record = {"name": name, "candidate": CANDIDATES[name], "arguments": arguments(name),
+              "wall_seconds": time.perf_counter() - started, "steps": results.get("steps"),
+              "models": {key: {"backbone": row["backbone"], "knn_validation": row["knn_top1"],
+                               "knn_validation_untrained": row["knn_top1_untrained"],
+                               "gain": row["knn_top1"] - row["knn_top1_untrained"]}
+                         for key, row in results.items() if key.startswith("model")},
+              "final_monitors": {key: value for key, value in last.items() if key.startswith("collapse/")}}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    gains = ", ".join(f"{m['backbone']} {m['knn_validation_untrained']:.1f} -> {m['knn_validation']:.1f}"
+                      for m in record["models"].values())
+    return f"{name}: {gains} ({record['wall_seconds']:.0f} s)"
+
+
+def report() -> None:
+    for path in sorted(RESULTS.glob("*.json")):
+        record = json.loads(path.read_text())
+        gains = "  ".join(f"{m['backbone'][:9]:9s} {m['knn_validation_untrained']:5.1f} -> {m['knn_validation']:5.1f} "
+                          f"({m['gain']:+5.1f})" for m in record["models"].values())
+        print(f"{record['name']:34s} {gains}  {record['wall_seconds']:5.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run")
+    run.add_argument("names", nargs="+", choices=list(CANDIDATES))
+    run.add_argument("--jobs", type=int, default=2)
+    commands.add_parser("list")
+    commands.add_parser("report")
+    args = parser.parse_args()
+    if args.command == "list":
+        print("\n".join(f"{name}: {' '.join(c[2])} ({c[0]}, {c[1]})" for name, c in CANDIDATES.items()))
+    elif args.command == "report":
+        report()
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for line in pool.map(run_one, args.names):
+                print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
