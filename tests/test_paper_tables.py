@@ -7,6 +7,7 @@ import importlib.util
 import json
 import statistics
 import sys
+from functools import reduce
 from pathlib import Path
 
 import pytest
@@ -38,12 +39,22 @@ def test_grid_holds_each_table_and_every_run_config_is_valid() -> None:
         (pair, variant, seed) for pair in ("cnn_vit", "cnn_cnn", "vit_vit") for variant in ("dino", "mokd")
         for seed in (0, 1, 2)}
     assert runs[:len(table1)] == table1  # Table 1 is trained first
-    assert {run.variant for run in runs} >= {"dino-long", "mokd-long", "dino-crop28", "mokd-crop28"}
+    assert {(run.pair, run.variant) for run in runs if run.variant.endswith("long")} == {
+        (pair, "mokd-long") for pair in ("cnn_vit", "cnn_cnn", "vit_vit")}
+    ablations = {(run.variant, run.seed) for run in runs if run.pair == "cnn_vit" and run.variant not in ("dino", "mokd")
+                 and not run.variant.endswith("long")}
+    assert ablations == {(variant, seed) for seed in (0, 1, 2) for variant in ("sm+cm", "sm+cm+st", "lam1=0", "lam1=1",
+                                                                                 "lam2=0", "lam2=0.1")}
     for run in runs:
         config = load_config(paper_tables.PAIRS[run.pair], paper_tables.run_overrides(run))
         assert config.train.seed == run.seed and config.data.validation_samples > 0
-        # One budget for all, except the investigation's doubled schedule.
-        assert (config.train.epochs, config.data.train_samples) == (6 if run.variant.endswith("long") else 3, 8000)
+        for override in paper_tables.RECIPE:  # the recipe holds for every run, DINO and MOKD alike
+            key, value = override.split("=")
+            assert str(reduce(getattr, key.split("."), config)).lower() == value.lower(), (run.name, key)
+        # One budget for all, except the long runs' 5x schedule (with every epoch's checkpoint kept).
+        long = run.variant.endswith("long")
+        assert (config.train.epochs, config.data.train_samples) == (paper_tables.LONG_EPOCHS if long else 3, 8000)
+        assert config.checkpoint.keep_last >= config.train.epochs
         terms = (config.loss.self_mlp, config.loss.cross_mlp, config.loss.self_thead, config.loss.cross_search)
         expected = {"dino": (True, False, False, False), "sm+cm": (True, True, False, False),
                     "sm+cm+st": (True, True, True, False)}.get(run.variant.split("-")[0], (True, True, True, True))
