@@ -30,18 +30,23 @@ RUNS = REPO / "runs" / "recipe_search"
 SCORING = ["eval.split=validation", "eval.knn_at_end=true", "eval.knn_untrained=true"]
 
 BN_HEAD = ["head.mlp_batchnorm=true"]
+# The first runs spelled this loss.koleo_weight=0.1 (one weight for both models) before it became per model.
+KOLEO_BOTH = ["model1.koleo_weight=0.1", "model2.koleo_weight=0.1"]
 CANDIDATES: dict[str, tuple[str, str, list[str]]] = {  # name -> (pair, loss, overrides)
     "cnn_vit-dino-official": ("cnn_vit", "dino", ["model2.optim.base_lr=5e-4"]),
     "cnn_vit-dino-bn": ("cnn_vit", "dino", ["model2.optim.base_lr=5e-4", *BN_HEAD]),
-    "cnn_vit-dino-bn-koleo-sk": ("cnn_vit", "dino", ["model2.optim.base_lr=5e-4", *BN_HEAD, "loss.koleo_weight=0.1",
+    "cnn_vit-dino-bn-koleo-sk": ("cnn_vit", "dino", ["model2.optim.base_lr=5e-4", *BN_HEAD, *KOLEO_BOTH,
                                                     "loss.centring=sinkhorn_knopp"]),
-    "cnn_vit-dino-bn-koleo": ("cnn_vit", "dino", ["model2.optim.base_lr=5e-4", *BN_HEAD, "loss.koleo_weight=0.1"]),
+    "cnn_vit-dino-bn-koleo": ("cnn_vit", "dino", ["model2.optim.base_lr=5e-4", *BN_HEAD, *KOLEO_BOTH]),
     "cnn_vit-dino-bn-sk": ("cnn_vit", "dino", ["model2.optim.base_lr=5e-4", *BN_HEAD, "loss.centring=sinkhorn_knopp"]),
     "cnn_vit-dino-bn-m97": ("cnn_vit", "dino", ["model2.optim.base_lr=5e-4", *BN_HEAD, "loss.teacher_momentum=0.97"]),
-    "cnn_vit-dino-bn-koleo-m97": ("cnn_vit", "dino", ["model2.optim.base_lr=5e-4", *BN_HEAD, "loss.koleo_weight=0.1",
+    "cnn_vit-dino-bn-koleo-m97": ("cnn_vit", "dino", ["model2.optim.base_lr=5e-4", *BN_HEAD, *KOLEO_BOTH,
                                                      "loss.teacher_momentum=0.97"]),
+    "cnn_vit-dino-bn-koleo-sk-local6": ("cnn_vit", "dino", ["model2.optim.base_lr=5e-4", *BN_HEAD,
+                                                           *KOLEO_BOTH, "loss.centring=sinkhorn_knopp",
+                                                           "data.n_local_crops=6"]),
     "cnn_vit-dino-bn-koleo-lr2e3": ("cnn_vit", "dino", ["model2.optim.base_lr=2e-3", *BN_HEAD,
-                                                       "loss.koleo_weight=0.1"]),
+                                                       *KOLEO_BOTH]),
 }
 
 

@@ -75,6 +75,8 @@ class ModelConfig:
                               "model's lr and weight-decay schedules, every T-Head parameter decayed) | auto "
                               "(other for a CNN paired with a ViT, as in the official code; else own)")
     cross_weight: float = option(1.0, "lambda_i, weight of this model's cross terms L_cm + L_ct")
+    koleo_weight: float = option(0.0, "weight of the KoLeo regulariser on this student's pooled global-crop "
+                                 "features (DINOv2; spreads features against dimensional collapse); 0: off")
     optim: OptimConfig = section(OptimConfig, "optimiser and schedules of this student")
     temperature: TemperatureConfig = section(TemperatureConfig, "temperatures of this model's loss terms")
 
@@ -107,8 +109,6 @@ class LossConfig:
     centring: str = option("centre", "teacher targets of L_sm, L_st, L_cm: centre (softmax((t - c) / tau_t), the "
                            "paper) | sinkhorn_knopp (DINOv2/v3: equipartition over the global batch)")
     sinkhorn_iterations: int = option(3, "Sinkhorn-Knopp normalisation rounds (loss.centring=sinkhorn_knopp)")
-    koleo_weight: float = option(0.0, "weight of the KoLeo regulariser on each student's pooled global-crop "
-                                 "features (DINOv2; spreads features against dimensional collapse); 0: off")
 
 
 @dataclass
@@ -365,6 +365,8 @@ def validate(config: MOKDConfig) -> None:
         check_backbone(name, model)
         if not 0.0 <= model.cross_weight:
             raise ConfigError(f"{name}.cross_weight must be >= 0, got {model.cross_weight}")
+        if not 0.0 <= model.koleo_weight:
+            raise ConfigError(f"{name}.koleo_weight must be >= 0, got {model.koleo_weight}")
         for bound in ("global_crop_scale", "local_crop_scale"):
             scale = getattr(config.data, bound)
             if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
@@ -391,8 +393,6 @@ def validate(config: MOKDConfig) -> None:
         raise ConfigError("eval.split=validation needs data.validation_samples > 0 (the images carved from train)")
     if len(config.data.blur_sigma) != 2 or not 0 < config.data.blur_sigma[0] <= config.data.blur_sigma[1]:
         raise ConfigError(f"data.blur_sigma must be [low, high] with 0 < low <= high, got {config.data.blur_sigma}")
-    if config.loss.koleo_weight < 0:
-        raise ConfigError(f"loss.koleo_weight must be >= 0, got {config.loss.koleo_weight}")
     if config.loss.sinkhorn_iterations < 1:
         raise ConfigError(f"loss.sinkhorn_iterations must be >= 1, got {config.loss.sinkhorn_iterations}")
     if config.train.threads < 0:

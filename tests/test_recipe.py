@@ -208,7 +208,8 @@ def test_feature_monitors_match_numpy():
 
 def test_objective_with_sinkhorn_targets_and_koleo_matches_the_equations(tmp_path):
     torch.manual_seed(5)
-    config = tiny_config(tmp_path, extra=["loss.centring=sinkhorn_knopp", "loss.koleo_weight=0.3",
+    config = tiny_config(tmp_path, extra=["loss.centring=sinkhorn_knopp", "model1.koleo_weight=0.3",
+                                          "model2.koleo_weight=0.2",
                                           "loss.self_thead=false", "loss.cross_search=false",
                                           "model1.cross_weight=0.5", "model2.cross_weight=1.0"])
     students, teachers = build_pair(config, in_chans=1)
@@ -218,7 +219,7 @@ def test_objective_with_sinkhorn_targets_and_koleo_matches_the_equations(tmp_pat
     crops = [torch.randn(4, 1, 16, 16, dtype=torch.float64) for _ in range(2)] + \
             [torch.randn(4, 1, 8, 8, dtype=torch.float64) for _ in range(2)]
     temps = (Temperatures(0.1, 0.05, 0.06), Temperatures(0.1, 0.04, 0.07))
-    losses = MOKDObjective(config.loss, (0.5, 1.0))(students, teachers, centres, crops, temps)
+    losses = MOKDObjective(config.loss, (0.5, 1.0), (0.3, 0.2))(students, teachers, centres, crops, temps)
     assert torch.all(losses.centre_rows == 0)  # no centre moves
     batch = 4
     for i in (0, 1):
@@ -234,7 +235,7 @@ def test_objective_with_sinkhorn_targets_and_koleo_matches_the_equations(tmp_pat
 
         koleo = sum(literal_koleo(z.detach().numpy()) for z in student_out.pooled[:2 * batch].split(batch)) / 2
         expected = (dino(own.mlp_logits, temps[i].teacher_self)
-                    + (0.5, 1.0)[i] * dino(other.mlp_logits, temps[i].teacher_cross) + 0.3 * koleo)
+                    + (0.5, 1.0)[i] * dino(other.mlp_logits, temps[i].teacher_cross) + (0.3, 0.2)[i] * koleo)
         assert losses.totals[i].item() == pytest.approx(expected.item(), rel=1e-5)
         assert losses.terms[f"model{i + 1}/koleo"].item() == pytest.approx(koleo, rel=1e-6)
 

@@ -6,7 +6,7 @@ For model i (j is the other one), with h the MLP-Head, g the T-Head, ' the EMA t
     L_st,i = DINO(g_i(all crops), g'_i(globals); c_st,i)       self, T-Head
     L_cm,i = DINO(h_i(all crops), h'_j(globals); c_cm,i)       cross, MLP-Head
     L_ct,i = CE(g'_j([q_i ; Z'_j(x_t)]), g_i(crops))           cross, feature search (no centre)
-    L_i    = L_sm,i + L_st,i + lambda_i * (L_cm,i + L_ct,i)  [+ w_koleo * KoLeo(z_i of each global crop)]
+    L_i    = L_sm,i + L_st,i + lambda_i * (L_cm,i + L_ct,i)  [+ w_koleo,i * KoLeo(z_i of each global crop)]
 
 With loss.centring=sinkhorn_knopp the targets of L_sm, L_st, L_cm are Sinkhorn-Knopp equipartitions of the
 teacher logits over the global batch instead of softmax((t - c) / tau_t) (method/centring.py).
@@ -86,9 +86,11 @@ class StepLosses(NamedTuple):
 class MOKDObjective:
     """Computes both models' losses for a batch of crops. Knows nothing of devices or distribution."""
 
-    def __init__(self, loss_config, cross_weights: tuple[float, float]) -> None:
+    def __init__(self, loss_config, cross_weights: tuple[float, float],
+                 koleo_weights: tuple[float, float] = (0.0, 0.0)) -> None:
         self.config = loss_config
         self.cross_weights = cross_weights
+        self.koleo_weights = koleo_weights
         # phase(name) wraps each part of the computation (student_forward, teacher_forward, search, losses).
         self.phase: Callable[[str], ContextManager] = untimed
         # Sums a tensor over ranks (Sinkhorn-Knopp's global-batch normalisation); the engine installs its own.
@@ -154,9 +156,9 @@ class MOKDObjective:
                     results[term] = self._dino(mine.thead_logits[rows], search_logits[i], None, temps,
                                                temps.teacher_cross, batch_size, pairing="one_to_one")
             total = torch.zeros((), device=centres.values.device)
-            if self.config.koleo_weight > 0:  # on each global crop's pooled student features, as DINOv2
+            if self.koleo_weights[i] > 0:  # on each global crop's pooled student features, as DINOv2
                 koleo = sum(koleo_loss(crop) for crop in mine.pooled[:2 * batch_size].split(batch_size)) / 2
-                total = total + self.config.koleo_weight * koleo
+                total = total + self.koleo_weights[i] * koleo
                 terms[f"model{i + 1}/koleo"] = koleo.detach()
             for name, value in feature_statistics(own_teacher.pooled).items():
                 monitors[f"model{i + 1}/{name}"] = value
