@@ -19,7 +19,7 @@ $(STAMP): setup.py CMakeLists.txt $(wildcard csrc/*)
 	$(MAKE) toolchain
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet setuptools
+	$(PY) -m pip install --quiet 'setuptools>=70.1'  # the build backend used without isolation (has bdist_wheel)
 	$(PY) -m pip install --quiet --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
