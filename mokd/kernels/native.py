@@ -13,7 +13,6 @@ Without the library everything else keeps working: ``loss.kernel=auto`` stays on
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
@@ -38,9 +37,20 @@ def _candidates() -> list[Path]:
     return [_PACKAGE_DIR / LIBRARY_NAME, _PACKAGE_DIR.parent.parent / "build" / LIBRARY_NAME]
 
 
-@functools.cache
+_NOT_TRIED = "not tried"
+_problem: str | None = _NOT_TRIED  # None once loaded, else why it could not be
+
+
 def _load() -> str | None:
-    """Loads the library once and registers the Python halves of its ops; returns why it failed, or None."""
+    """Loads the library once and registers the Python halves of its ops; returns why it failed, or None.
+    (A module global rather than functools.cache: torch.compile traces through a global read, not the cache.)"""
+    global _problem
+    if _problem is _NOT_TRIED:
+        _problem = _try_load()
+    return _problem
+
+
+def _try_load() -> str | None:
     found = [path for path in _candidates() if path.is_file()]
     if not found:
         return f"{LIBRARY_NAME} not found (looked in {', '.join(str(p) for p in _candidates())})"
