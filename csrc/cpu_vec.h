@@ -52,6 +52,25 @@ inline Vectorized<T> keep_first(const Vectorized<T>& v, int64_t n) {
 inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
 inline Vectorized<double> vexp(const Vectorized<double>& x) { return x.exp(); }
 
+// Stores a full vector to a 64-byte-aligned address bypassing the caches (no read-for-ownership of the line),
+// for outputs written once and read by someone else much later (the gradient). Call stream_fence() after.
+inline void store_streaming(const Vectorized<float>& v, float* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm512_stream_ps(p, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  _mm256_stream_ps(p, v);
+#else
+  v.store(p);
+#endif
+}
+inline void store_streaming(const Vectorized<double>& v, double* p) { v.store(p); }
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 // n (<= kBlock) input elements as acc_t: the input itself when it is already acc_t, else converted into buffer.
 template <typename scalar_t, typename acc_t>
 inline const acc_t* as_acc(const scalar_t* src, int64_t n, acc_t* buffer) {

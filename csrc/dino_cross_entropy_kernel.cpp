@@ -15,6 +15,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <cstdint>
 #include <vector>
 
 namespace mokd::native::CPU_CAPABILITY {
@@ -312,10 +313,18 @@ void dino_backward(const DinoShape& shape, const DinoBackwardArgs<scalar_t, acc_
             const Vec<acc_t> q = vexp(at::vec::fmsub(x, inv_tau, lse));
             return at::vec::fmsub(weight, q, total - own) * scale;
           };
+          // An fp32 gradient goes straight to memory with streaming stores when its rows are 64-byte aligned
+          // (K a multiple of 16): it is written once, and this skips reading each line before writing it.
+          const bool streaming = std::is_same_v<scalar_t, acc_t> && reinterpret_cast<uintptr_t>(out) % 64 == 0;
           int64_t i = 0;
           for (; i + V <= n; i += V) {
             const Vec<acc_t> own = excluded ? Vec<acc_t>::loadu(excluded + k0 + i) : Vec<acc_t>(0);
-            grad_of(Vec<acc_t>::loadu(s + i), Vec<acc_t>::loadu(w.total + k0 + i), own).store(out + i);
+            const Vec<acc_t> g = grad_of(Vec<acc_t>::loadu(s + i), Vec<acc_t>::loadu(w.total + k0 + i), own);
+            if (streaming) {
+              store_streaming(g, out + i);
+            } else {
+              g.store(out + i);
+            }
           }
           if (i < n) {
             const Vec<acc_t> own = excluded ? Vec<acc_t>::loadu(excluded + k0 + i, n - i) : Vec<acc_t>(0);
@@ -326,6 +335,7 @@ void dino_backward(const DinoShape& shape, const DinoBackwardArgs<scalar_t, acc_
         }
       }
     }
+    stream_fence();  // the streamed gradient is visible to other threads once this chunk returns
   });
 }
 
