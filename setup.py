@@ -1,4 +1,60 @@
-from setuptools import find_packages, setup
+"""Install mokd. The native CPU kernels (CMakeLists.txt, csrc/) are built here by CMake when cmake, a C++20
+compiler and torch are present in the installing environment (so `pip install --no-build-isolation -e .`, as the
+Makefile runs it); without them the install still succeeds, with a warning, and mokd uses its torch path."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+NATIVE_LIBRARY = "libmokd_native.so"
+
+
+class CMakeExtension(Extension):
+    """The torch-operator library: not a Python module, so no sources for setuptools to compile."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    """Configures and builds CMakeLists.txt with the installing interpreter's torch, writing the library where
+    the package expects it (mokd/kernels/ in an editable install). Optional: any failure is a warning."""
+
+    def get_ext_filename(self, fullname: str) -> str:
+        return os.path.join(*fullname.split(".")[:-1], NATIVE_LIBRARY)
+
+    def build_extension(self, ext: Extension) -> None:
+        output_dir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
+        try:
+            self._cmake(output_dir)
+        except (OSError, subprocess.CalledProcessError, RuntimeError) as error:
+            self.warn(f"mokd: native CPU kernels not built ({error}); the torch path will be used. "
+                      "Build them later with `cmake -S . -B build && cmake --build build`.")
+
+    def _cmake(self, output_dir: str) -> None:
+        missing = [tool for tool in ("cmake", os.environ.get("CXX", "c++")) if shutil.which(tool) is None]
+        if missing:
+            raise RuntimeError(f"{', '.join(missing)} not found")
+        try:
+            import torch  # noqa: F401  (CMake asks this interpreter for torch's location)
+        except ImportError:
+            raise RuntimeError("torch is not importable while building: install torch first and build with "
+                               "`pip install --no-build-isolation -e .`") from None
+        source = os.path.dirname(os.path.abspath(__file__))
+        build_dir = os.path.join(source, "build", "setup")
+        start = time.perf_counter()
+        subprocess.run(["cmake", "-S", source, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
+                        f"-DPython3_EXECUTABLE={sys.executable}", f"-DMOKD_NATIVE_OUTPUT_DIR={output_dir}"],
+                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["cmake", "--build", build_dir, "--parallel", str(os.cpu_count() or 1)], check=True,
+                       stdout=subprocess.DEVNULL)
+        print(f"mokd: built {NATIVE_LIBRARY} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+
 
 setup(
     name="mokd",
@@ -29,4 +85,6 @@ setup(
         "flash": ["flash-attn"],
     },
     entry_points={"console_scripts": ["mokd=mokd.launch.cli:main"]},
+    ext_modules=[CMakeExtension("mokd.kernels.libmokd_native")],
+    cmdclass={"build_ext": CMakeBuild},
 )

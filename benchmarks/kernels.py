@@ -3,7 +3,8 @@
     python benchmarks/kernels.py --device cpu --batch 8 32 --dim 65536 --local-crops 10 --json FILE
     python benchmarks/kernels.py --device cuda --batch 8 32 --json FILE
 
-On a shared CPU add --threads 1: with two intra-op threads, every op waits for a thread the other load has
+The CPU rows include ``native`` (the C++ operators of csrc/, when built). On a shared CPU add --threads 1: with
+two intra-op threads, every op waits for a thread the other load has
 descheduled (measured here: a 30 ms call became 170 ms), while one thread degrades gracefully.
 
 What is measured, per op and implementation, against the reference timed in the same run:
@@ -37,7 +38,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from mokd.engine.runtime import peak_extra_bytes  # noqa: E402
-from mokd.kernels import EmaPlan, dino_cross_entropy, ema_per_tensor_  # noqa: E402
+from mokd.kernels import EmaPlan, dino_cross_entropy, ema_per_tensor_, native  # noqa: E402
 
 TAU_S, TAU_T, MOMENTUM = 0.1, 0.04, 0.996
 # What each op's speed-up is measured against: the literal DINO loss, and DINO's per-tensor EMA loop.
@@ -125,6 +126,8 @@ def bench_dino_ce(args, device, dtype, batch, copy_bw):
     except Exception as err:  # noqa: BLE001 - any compiler failure means "skip with a note"
         impls.pop("torch_compile", None)
         notes["torch_compile"] = f"skipped: torch.compile failed on this machine ({type(err).__name__}: {err})"[:300]
+    if device.type == "cpu" and native.available():
+        impls["native"] = lambda: dino_cross_entropy(student, teacher, centre, TAU_S, TAU_T, batch, impl="native").loss
     if device.type == "cuda":
         impls["triton"] = lambda: dino_cross_entropy(
             student, teacher, centre, TAU_S, TAU_T, batch, impl="triton"
@@ -210,6 +213,8 @@ def bench_ema(args, device, copy_bw):
     impls = {"dino_loop": lambda: ema_per_tensor_(teacher, student, MOMENTUM), "foreach_mul_add": foreach_mul_add,
              "foreach_lerp": lambda: torch._foreach_lerp_(teacher, student, 1 - MOMENTUM),
              "triton" if device.type == "cuda" else "ema_plan": lambda: plan.update(MOMENTUM)}
+    if device.type == "cpu" and native.available():
+        impls["native"] = lambda: torch.ops.mokd.ema_(teacher, student, 1 - MOMENTUM)
     times = median_ms(impls, device, args.repeats, args.warmup)
     records = []
     for name, fn in impls.items():
@@ -282,8 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()[0]
     copy_bw = copy_gbps(device, args.repeats)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    capability = native.cpu_capability() if device.type == "cpu" and native.available() else None
     print(f"device {device_name}, {torch.get_num_threads()} threads, load {load:.2f}, "
-          f"streaming bandwidth {copy_bw:.1f} GB/s")
+          f"streaming bandwidth {copy_bw:.1f} GB/s, native kernels: {capability or 'not built'}")
     records = []
     if "dino_ce" in args.ops:
         for batch in args.batch:
@@ -296,7 +302,8 @@ def main(argv: list[str] | None = None) -> None:
         ref_ms = reference[(r["op"], r["batch"])]
         r["speedup_vs_reference"] = None if r["median_ms"] is None else ref_ms / r["median_ms"]
         r.update({"device": device_name, "threads": torch.get_num_threads(), "copy_gbps": copy_bw,
-                  "load_average_1min_before": load, "torch": torch.__version__, "date": date})
+                  "load_average_1min_before": load, "torch": torch.__version__, "date": date,
+                  "native_capability": capability})
     print_table(records)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

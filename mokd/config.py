@@ -105,7 +105,8 @@ class LossConfig:
     search_pairing: str = option("local_to_global", "local_to_global (official) | global_to_global (paper)")
     centre_momentum: float = option(0.9, "momentum m_c of the six centres")
     teacher_momentum: float = option(0.996, "EMA momentum at step 0 (cosine schedule to 1)")
-    kernel: str = option("auto", "DINO cross-entropy implementation: auto | triton | torch | reference")
+    kernel: str = option("auto", "DINO cross-entropy implementation: auto | triton | native | torch | reference "
+                                 "(auto: triton on CUDA, native on CPU when built, else torch)")
     centring: str = option("centre", "teacher targets of L_sm, L_st, L_cm: centre (softmax((t - c) / tau_t), the "
                            "paper) | sinkhorn_knopp (DINOv2/v3: equipartition over the global batch)")
     sinkhorn_iterations: int = option(3, "Sinkhorn-Knopp normalisation rounds (loss.centring=sinkhorn_knopp)")
@@ -257,7 +258,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.centring": ("centre", "sinkhorn_knopp"),
     "head.attention": ("sdpa", "flash", "math"),
     "loss.search_pairing": ("local_to_global", "global_to_global"),
-    "loss.kernel": ("auto", "triton", "torch", "reference"),
+    "loss.kernel": ("auto", "triton", "native", "torch", "reference"),
     "data.source": ("fashion_mnist", "imagefolder", "synthetic", "webdataset"),
     "data.shard_statistics": ("imagefolder", "fashion_mnist", "synthetic"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
@@ -358,6 +359,13 @@ def validate(config: MOKDConfig) -> None:
     for key, allowed in CHOICES.items():
         if _get(config, key) not in allowed:
             raise ConfigError(f"{key}={_get(config, key)!r} is not one of {', '.join(allowed)}")
+    if config.loss.kernel == "native":
+        from mokd.kernels import native
+
+        try:
+            native.require("loss.kernel=native")
+        except native.NativeKernelsUnavailable as error:
+            raise ConfigError(str(error)) from None
     from mokd.method.backbones import check_backbone  # the method knows which backbones exist
 
     for name in ("model1", "model2"):

@@ -21,9 +21,13 @@ Side outputs, computed in the same pass over the teacher: the column sums of the
 update c <- m c + (1 - m) colsum / rows) and the mean teacher entropy H(p_v) = lse - <p_v, z_v> (a collapse
 monitor: ln K for a uniform teacher, 0 for a one-hot one).
 
-Three implementations share this contract:
+Four implementations share this contract:
   * ``reference``: the literal DINO double loop over (v, u) with plain torch ops; the baseline for tests.
-  * ``torch``: the identity above in an autograd.Function with the analytic backward; the CPU default.
+  * ``torch``: the identity above in an autograd.Function with the analytic backward; the CPU default when the
+    native kernels are not built.
+  * ``native``: the same identity as fused C++ CPU operators (``torch.ops.mokd.dino_cross_entropy``, see
+    ``mokd/kernels/native.py`` and ``csrc/``): one read of the teacher and student in the forward, one more read
+    and one write of the gradient in the backward; the CPU default when built.
   * ``triton``: a fused forward (one read of teacher and student) and a fused backward (one more read of both,
     one write of the gradient); the CUDA default.
 The teacher logits and the centre never receive a gradient: every implementation treats them as detached,
@@ -38,6 +42,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from mokd.kernels import native
+
 try:
     import triton
     import triton.language as tl
@@ -51,7 +57,7 @@ except ImportError:  # CPU-only torch wheels (macOS, Windows) ship without Trito
         return fn
 
 
-IMPLS = ("auto", "triton", "torch", "reference")
+IMPLS = ("auto", "triton", "native", "torch", "reference")
 PAIRINGS = ("dino", "one_to_one")
 
 
@@ -537,6 +543,21 @@ class _TritonDinoCE(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# native: the fused C++ operators (autograd and fake kernels registered in mokd/kernels/native.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _native(student, teacher, centre, tau_s, tau_t, layout) -> DinoCrossEntropyOutput:
+    native.require("dino_cross_entropy(impl='native')")
+    if student.device.type != "cpu":
+        raise ValueError(f"dino_cross_entropy: impl='native' runs on CPU tensors, got {student.device}")
+    loss, column_sum, entropy, _, _ = torch.ops.mokd.dino_cross_entropy(
+        student, teacher, centre, float(tau_s), float(tau_t), layout.batch, layout.exclude_same
+    )
+    return DinoCrossEntropyOutput(loss, column_sum, entropy)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # public entry point
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -558,23 +579,30 @@ def dino_cross_entropy(
 ) -> DinoCrossEntropyOutput:
     """DINO loss of student logits [S*B, K] against teacher logits [T*B, K] (crop-major rows), see module doc.
 
-    ``impl``: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"``, ``"torch"`` or ``"reference"``.
+    ``impl``: ``"auto"`` (Triton on CUDA tensors; on CPU native when built, else torch), ``"triton"``,
+    ``"native"``, ``"torch"`` or ``"reference"``.
     Outputs are fp32 (fp64 for fp64 inputs on the torch and reference paths). The gradient reaches
     ``student_logits`` only, in its dtype; teacher logits and centre are treated as detached (their ``.grad``
     stays ``None``). Raises ValueError for shapes that do not divide by ``batch_size`` and for a "dino" pairing
-    without pairs (one student crop, one teacher view).
+    without pairs (one student crop, one teacher view), NativeKernelsUnavailable for ``"native"`` when the
+    library is not built.
     """
     layout = _validate(
         student_logits, teacher_logits, centre, student_temperature, teacher_temperature, batch_size, pairing, impl
     )
     if impl == "auto":
-        impl = "triton" if student_logits.is_cuda and triton is not None else "torch"
+        if student_logits.is_cuda:
+            impl = "triton" if triton is not None else "torch"
+        else:
+            impl = "native" if student_logits.device.type == "cpu" and native.available() else "torch"
     if impl == "reference":
         return _reference(
             student_logits, teacher_logits, centre, student_temperature, teacher_temperature, batch_size, pairing
         )
     teacher = teacher_logits.detach()
     centre = None if centre is None else centre.detach()
+    if impl == "native":
+        return _native(student_logits, teacher, centre, student_temperature, teacher_temperature, layout)
     if impl == "torch":
         fn = _TorchDinoCE
     else:

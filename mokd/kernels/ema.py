@@ -11,8 +11,10 @@ One launch per (device, dtype) group:
     once per distinct set of addresses and cached on the device, so a training step costs one launch and no
     host-to-device copy. Pairs whose target or source is not contiguous cannot be addressed as a flat range
     and go through ``torch._foreach_lerp_`` instead (correct for any strides).
-  * elsewhere: ``torch._foreach_lerp_(targets, sources, 1 - m)``.
-Both compute in fp32 (torch's opmath for bf16/fp16) with torch.lerp's formula, so they agree with
+  * CPU, when the native kernels are built (mokd/kernels/native.py): ``torch.ops.mokd.ema_``, one C++ loop over
+    all contiguous fp32/bf16/fp16 pairs of the group, split over threads;
+  * elsewhere (and for strided or float64 pairs): ``torch._foreach_lerp_(targets, sources, 1 - m)``.
+All compute in fp32 (torch's opmath for bf16/fp16) with torch.lerp's formula, so they agree with
 ``torch.lerp(target, source, 1 - m)``.
 """
 
@@ -23,6 +25,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
+
+from mokd.kernels import native
 
 try:
     import triton
@@ -91,21 +95,32 @@ def _foreach_lerp(targets: list[torch.Tensor], sources: list[torch.Tensor], weig
         torch._foreach_lerp_(targets, sources, weight)
 
 
+def _native_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype in _TL_DTYPES and native.available()
+
+
 class _Group:
-    """The pairs of one (device, dtype): contiguous pairs go to the kernel (tables built here, once), the rest
-    (strided, float64, or no Triton) to torch._foreach_lerp_."""
+    """The pairs of one (device, dtype): contiguous pairs go to the Triton kernel (tables built here, once) or, on
+    CPU, to the native op; the rest (strided, float64, or neither kernel) to torch._foreach_lerp_."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, pairs: list[tuple[torch.Tensor, torch.Tensor]]):
         self.device, self.dtype = device, dtype
-        kernel = _triton_usable(device) and dtype in _TL_DTYPES
+        triton_kernel = _triton_usable(device) and dtype in _TL_DTYPES
+        kernel = triton_kernel or _native_usable(device, dtype)
         flat = [(t, s) for t, s in pairs if kernel and t.is_contiguous() and s.is_contiguous() and t.numel()]
         rest = [(t, s) for t, s in pairs if not (kernel and t.is_contiguous() and s.is_contiguous())]
-        self.tables = _tables([t for t, _ in flat], [s for _, s in flat]) if flat else None
+        self.tables = _tables([t for t, _ in flat], [s for _, s in flat]) if flat and triton_kernel else None
+        self.native = ([t for t, _ in flat], [s for _, s in flat]) if flat and not triton_kernel else None
         self.foreach = ([t for t, _ in rest], [s for _, s in rest])
 
     def update(self, weight: float | torch.Tensor) -> None:
         if isinstance(weight, torch.Tensor):
             weight = weight.to(self.device)
+        if self.native is not None:
+            # A 0-dim tensor weight is rounded to the group's dtype first, as torch's type promotion does for
+            # lerp with a tensor weight (and so _foreach_lerp_). On CPU, reading it is no device sync.
+            value = float(weight.to(self.dtype)) if isinstance(weight, torch.Tensor) else weight
+            torch.ops.mokd.ema_(*self.native, value)
         if self.tables is not None:
             weight_is_tensor = isinstance(weight, torch.Tensor)
             _ema_kernel[(len(self.tables[3]),)](
