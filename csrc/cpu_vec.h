@@ -54,7 +54,7 @@ inline Vectorized<T> keep_first(const Vectorized<T>& v, int64_t n) {
 // Range reduction: z = n + r, n = round(z), r in [-1/2, 1/2]; 2^r is a degree-5 polynomial with constant term 1
 // fitted for relative error on that interval (weighted least squares reweighted towards minimax; 1.9e-7 relative,
 // about 3 ulp, evaluated in fp32), and 2^n is applied to its exponent. Inputs below -127 give 0 (the true value
-// is under 2^-126.5), above 128 give +inf, NaN stays NaN. fp64 (gradcheck, tests) keeps the accurate exp2.
+// is under 2^-126.5), NaN stays NaN; inputs above 128 are outside the contract (AVX-512 gives +inf, AVX2 not). fp64 (gradcheck, tests) keeps the accurate exp2.
 inline constexpr float kExp2Poly[5] = {6.931470037e-01f, 2.402224243e-01f, 5.550733581e-02f, 9.671512991e-03f,
                                        1.326472731e-03f};
 inline constexpr float kLog2e = 1.44269504088896341f;
@@ -79,10 +79,9 @@ inline Vectorized<float> vexp2(const Vectorized<float>& z) {
   const __m512 p = exp2_poly(Vectorized<float>(_mm512_sub_ps(x, n)));
   return _mm512_scalef_ps(p, n);
 #elif defined(CPU_CAPABILITY_AVX2)
-  // 2^n built in the exponent field: n in [-127, 128] after the clamps; n = -127 gives the bit pattern of 0 and
-  // n = 128 that of +inf, as wanted.
-  __m256 x = _mm256_max_ps(_mm256_set1_ps(-127.0f), z);  // second operand NaN: NaN is kept
-  x = _mm256_min_ps(_mm256_set1_ps(128.0f), x);
+  // 2^n built in the exponent field: n >= -127 after the clamp, and n = -127 gives the bit pattern of 0. No upper
+  // clamp: every caller passes z <= 0 up to rounding (z above 128 would give garbage here, not +inf).
+  const __m256 x = _mm256_max_ps(_mm256_set1_ps(-127.0f), z);  // second operand NaN: NaN is kept
   const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 p = exp2_poly(Vectorized<float>(_mm256_sub_ps(x, n)));
   const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
@@ -92,6 +91,20 @@ inline Vectorized<float> vexp2(const Vectorized<float>& z) {
 #endif
 }
 inline Vectorized<double> vexp2(const Vectorized<double>& z) { return z.exp2(); }
+
+// Lane-wise maximum without ATen's NaN propagation (which costs a compare and a blend per call): the kernels' maxima
+// only pick a shift for the exponentials, and a NaN logit reaches the results through the sums anyway.
+template <typename T>
+inline Vectorized<T> max_of(const Vectorized<T>& a, const Vectorized<T>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) return _mm512_max_ps(a, b);
+  if constexpr (std::is_same_v<T, double>) return _mm512_max_pd(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) return _mm256_max_ps(a, b);
+  if constexpr (std::is_same_v<T, double>) return _mm256_max_pd(a, b);
+#endif
+  return at::vec::maximum(a, b);
+}
 
 // Stores a full vector to a 64-byte-aligned address bypassing the caches (no read-for-ownership of the line),
 // for outputs written once and read by someone else much later (the gradient). Call stream_fence() after.

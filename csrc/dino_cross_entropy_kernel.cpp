@@ -40,6 +40,11 @@ inline void prefetch_line(const scalar_t* block, int64_t line) {
   __builtin_prefetch(reinterpret_cast<const char*>(block) + 64 * line, 0, 3);
 }
 
+// Elements of acc_t per 64-byte cache line, a whole number of vectors: the exponential passes step by a line and
+// issue one prefetch per step (the next fp32 block is then prefetched exactly once, not once per vector).
+template <typename acc_t>
+constexpr int64_t kLineElements = std::max<int64_t>(Vec<acc_t>::size(), 64 / sizeof(acc_t));
+
 // The block after [k0, k0 + kBlock) of row, or the start of next_row after the last block (nullptr: none).
 template <typename scalar_t>
 inline const scalar_t* following_block(const scalar_t* row, int64_t k0, int64_t k, const scalar_t* next_row) {
@@ -112,28 +117,33 @@ void teacher_forward(const DinoShape& shape, const DinoForwardArgs<scalar_t, acc
         if (a.centre) x = x - Vec<acc_t>::loadu(a.centre + k0 + i);
         x = x * to_z;
         x.store(zb + i);
-        vmax = at::vec::maximum(vmax, x);
+        vmax = max_of(vmax, x);
       }
       if (i < n) {
         Vec<acc_t> x = Vec<acc_t>::loadu(t + i, n - i);
         if (a.centre) x = x - Vec<acc_t>::loadu(a.centre + k0 + i, n - i);
         x = x * to_z;
         x.store(zb + i, n - i);
-        vmax = at::vec::maximum(vmax, load_partial(zb + i, n - i, -std::numeric_limits<acc_t>::infinity()));
+        vmax = max_of(vmax, load_partial(zb + i, n - i, -std::numeric_limits<acc_t>::infinity()));
       }
       const acc_t m = horizontal_max(vmax);
       // Pass 2 (the block is in L1): e = 2^(z - m) in place, its sum, and sum e (z - m) for the entropy.
       const Vec<acc_t> vm(m);
       Vec<acc_t> vsum(0), vshift(0);
       const scalar_t* ahead = following_block(row, k0, K, (v + 1 < shape.teacher) ? row + shape.batch * K : nullptr);
-      for (i = 0; i + V <= n; i += V) {
-        if (ahead) prefetch_line(ahead, i / V);
-        const Vec<acc_t> d = Vec<acc_t>::loadu(zb + i) - vm;
+      auto step = [&](int64_t l) {
+        const Vec<acc_t> d = Vec<acc_t>::loadu(zb + l) - vm;
         const Vec<acc_t> e = vexp2(d);
-        e.store(zb + i);
+        e.store(zb + l);
         vsum = vsum + e;
         vshift = at::vec::fmadd(e, d, vshift);
+      };
+      constexpr int64_t L = kLineElements<acc_t>;
+      for (i = 0; i + L <= n; i += L) {
+        if (ahead) prefetch_line(ahead, i / L);
+        for (int64_t l = i; l < i + L; l += V) step(l);
       }
+      for (; i + V <= n; i += V) step(i);
       if (i < n) {
         const Vec<acc_t> d = keep_first(Vec<acc_t>::loadu(zb + i, n - i) - vm, n - i);
         const Vec<acc_t> e = keep_first(vexp2(d), n - i);
@@ -177,14 +187,14 @@ acc_t student_block_max_dot(const acc_t* s, const acc_t* total, const acc_t* exc
     Vec<acc_t> target = Vec<acc_t>::loadu(total + i);
     if constexpr (kExcluded) target = target - Vec<acc_t>::loadu(excluded + i);
     vdot = at::vec::fmadd(target, x, vdot);
-    vmax = at::vec::maximum(vmax, x);
+    vmax = max_of(vmax, x);
   }
   if (i < n) {
     const Vec<acc_t> x = Vec<acc_t>::loadu(s + i, n - i);  // zero beyond n: adds nothing to the dot product
     Vec<acc_t> target = Vec<acc_t>::loadu(total + i, n - i);
     if constexpr (kExcluded) target = target - Vec<acc_t>::loadu(excluded + i, n - i);
     vdot = at::vec::fmadd(target, x, vdot);
-    vmax = at::vec::maximum(vmax, load_partial(s + i, n - i, -std::numeric_limits<acc_t>::infinity()));
+    vmax = max_of(vmax, load_partial(s + i, n - i, -std::numeric_limits<acc_t>::infinity()));
   }
   return horizontal_max(vmax);
 }
@@ -211,11 +221,14 @@ acc_t student_forward(const DinoShape& shape, const DinoForwardArgs<scalar_t, ac
     const Vec<acc_t> vm(m);
     Vec<acc_t> vsum(0);
     const scalar_t* ahead = following_block(row, k0, K, next_row);
+    auto step = [&](int64_t l) { vsum = vsum + vexp2(at::vec::fmsub(Vec<acc_t>::loadu(s + l), vto_z, vm)); };
+    constexpr int64_t L = kLineElements<acc_t>;
     int64_t i = 0;
-    for (; i + V <= n; i += V) {
-      if (ahead) prefetch_line(ahead, i / V);
-      vsum = vsum + vexp2(at::vec::fmsub(Vec<acc_t>::loadu(s + i), vto_z, vm));
+    for (; i + L <= n; i += L) {
+      if (ahead) prefetch_line(ahead, i / L);
+      for (int64_t l = i; l < i + L; l += V) step(l);
     }
+    for (; i + V <= n; i += V) step(i);
     if (i < n) {
       vsum = vsum + keep_first(vexp2(at::vec::fmsub(Vec<acc_t>::loadu(s + i, n - i), vto_z, vm)), n - i);
     }
