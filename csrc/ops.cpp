@@ -116,6 +116,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dino_cros
     const at::Tensor& student_in, const at::Tensor& teacher_in, const c10::optional<at::Tensor>& centre_in,
     double tau_s, double tau_t, int64_t batch, bool exclude_same) {
   const DinoShape shape = dino_shape(student_in, teacher_in, batch, exclude_same);
+  // The kernels take the maximum of s / tau from that of s, which needs tau > 0.
+  TORCH_CHECK(tau_s > 0 && tau_t > 0, "mokd::dino_cross_entropy: temperatures must be positive");
   const at::Tensor student = student_in.contiguous(), teacher = teacher_in.contiguous();
   const at::ScalarType acc = accumulation_type(student.scalar_type());
   const auto centre = centre_as(centre_in, acc, shape.k);
