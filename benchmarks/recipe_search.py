@@ -61,6 +61,9 @@ CANDIDATES: dict[str, tuple[str, str, list[str]]] = {  # name -> (pair, loss, ov
     "cnn_vit-dino-bn-sk-vitkoleo-6ep": ("cnn_vit", "dino", ["model2.optim.base_lr=5e-4", *BN_HEAD,
                                                            "model2.koleo_weight=0.1", "loss.centring=sinkhorn_knopp",
                                                            "train.epochs=6"]),
+    "cnn_vit-dino-bn-sk-vitkoleo-cnnlr1.0": ("cnn_vit", "dino", ["model2.optim.base_lr=5e-4", *BN_HEAD,
+                                                                "model2.koleo_weight=0.1", "loss.centring=sinkhorn_knopp",
+                                                                "model1.optim.base_lr=1.0"]),
     "cnn_vit-dino-bn-koleo-lr2e3": ("cnn_vit", "dino", ["model2.optim.base_lr=2e-3", *BN_HEAD,
                                                        *KOLEO_BOTH]),
 }
