@@ -21,6 +21,7 @@ from mokd.config import MOKDConfig, load_config
 from mokd.data import EvalTransform, build_eval_loader, data_statistics, dataset_for, limit_size, num_classes
 from mokd.engine.checkpoint import CheckpointManager, load_teachers_file
 from mokd.engine.runtime import resolve_device
+from mokd.errors import DataError
 from mokd.eval.analysis import attention_distance, prediction_consistency, tsne_embedding
 from mokd.eval.finetune import classifier_top1, finetune, label_subset
 from mokd.eval.knn import knn_predict
@@ -220,7 +221,7 @@ def analyse_run(config: MOKDConfig, teachers: Sequence[Network], device: torch.d
     if reference is not None:
         reference_config, reference_teachers = reference
         if reference_config.data.source != config.data.source:
-            raise ValueError(f"reference run {reference_config.run_dir} was trained on "
+            raise DataError(f"reference run {reference_config.run_dir} was trained on "
                              f"{reference_config.data.source}, this run on {config.data.source}")
         reference_features, _ = extract_run_features(config, reference_teachers, device)
         reference_predictions = [knn_predictions(config, model_features, classes)
