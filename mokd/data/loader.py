@@ -77,8 +77,8 @@ class ResumableBatchSampler(EpochPosition, Sampler[list[tuple[int, int]]]):
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if drop_last and dataset_size < batch_size * world_size:
             raise DataError(
-                f"dataset of {dataset_size} samples cannot fill one batch of {batch_size} on each of "
-                f"{world_size} rank(s) with drop_last; lower the batch size or use more data"
+                f"dataset of {dataset_size} samples cannot fill one batch of train.batch_size={batch_size} on each "
+                f"of {world_size} rank(s) with drop_last; lower the batch size or use more data"
             )
         self.dataset_size, self.batch_size, self.seed = dataset_size, batch_size, seed
         self.rank, self.world_size = rank, world_size

@@ -40,8 +40,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mokd.data.loader import EpochPosition, _hash63, collate_crops, seeded_transform
-from mokd.data.shards import (CorruptSample, RawSample, decode_sample, expand_shard_urls, iter_shard, shard_name,
-                              shard_sample_counts)
+from mokd.data.shards import (CorruptSample, RawSample, check_local_shards, decode_sample, expand_shard_urls,
+                              iter_shard, shard_name, shard_sample_counts)
 from mokd.engine.preemption import ignore_stop_signals
 from mokd.errors import DataError
 
@@ -280,6 +280,7 @@ def shard_train_loader(data_config, transform: Callable[[Any], list[torch.Tensor
                        rank: int, world_size: int) -> ShardLoader:
     """`build_shard_loader` with the options of a run's `data` section (data.shards, data.shard_manifest, ...)."""
     urls = expand_shard_urls(data_config.shards, "data.shards")
+    check_local_shards(urls, "data.shards")
     counts = shard_sample_counts(urls, data_config.shard_manifest)
     return build_shard_loader(urls, counts, transform, data_config.shard_channels, batch_size, seed,
                               data_config.num_workers, rank, world_size, data_config.shuffle_buffer,

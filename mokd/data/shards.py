@@ -50,6 +50,15 @@ def expand_shard_urls(pattern: str, key: str = "data.shards") -> list[str]:
     return urls
 
 
+def check_local_shards(urls: list[str], key: str = "data.shards") -> None:
+    """Every local shard exists, checked at start: a missing one would otherwise surface only when a data
+    worker reaches it, possibly hours in."""
+    missing = [str(local_path(url)) for url in urls if is_local(url) and not local_path(url).is_file()]
+    if missing:
+        raise DataError(f"{key}: {len(missing)} of {len(urls)} shards missing: {', '.join(missing[:5])}"
+                        f"{' ...' if len(missing) > 5 else ''}")
+
+
 def is_local(url: str) -> bool:
     """A local path or file: URL (seekable), as opposed to pipe: commands and network URLs."""
     return not url.startswith("pipe:") and urlparse(url).scheme in ("", "file")

@@ -18,6 +18,7 @@ rank 0 then checksums, marks and renames there, so COMPLETE is still written aft
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -66,6 +67,8 @@ def verify(directory: Path) -> None:
         marker = json.loads((directory / COMPLETE_MARKER).read_text())
     except json.JSONDecodeError:
         return
+    if not isinstance(marker, dict):
+        return
     for name, (size, crc) in marker["files"].items():
         file = directory / name
         if not file.is_file():
@@ -79,7 +82,10 @@ def verify(directory: Path) -> None:
 def failure_message(error: BaseException) -> str:
     """One line for a checkpoint read or write failure; DCP's CheckpointException carries one error per rank."""
     if isinstance(error, CheckpointException):
-        return "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}" for rank, (exc, _) in error.failures.items())
+        return "; ".join(f"rank {rank}: {failure_message(exc)}" for rank, (exc, _) in error.failures.items())
+    if isinstance(error, OSError) and error.errno is not None:
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror} ({errno.errorcode.get(error.errno, error.errno)})"
     return f"{type(error).__name__}: {error}"
 
 

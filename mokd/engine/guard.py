@@ -41,12 +41,13 @@ class StepGuard:
         self.consecutive += 1
         reason = ", ".join(bad)
         if self.consecutive >= self.max_consecutive:
-            model = bad[0].split("/")[0]
+            model, term = bad[0].split("/")
+            what = "the gradient norm" if term == "grad_norm" else f"loss term {term}"
             raise NonFiniteError(
-                f"step {step}: {model} {bad[0]} is not finite ({reason}), for {self.consecutive} consecutive "
-                f"steps (train.max_skipped_steps={self.max_consecutive}); each was skipped, so the weights and "
-                f"the checkpoints are those of the last finite step. Lower {model}.optim.base_lr or raise "
-                f"{model}.optim.clip_grad, then resume")
+                f"step {step}: {model}: {what} is not finite (non-finite: {reason}) for {self.consecutive} "
+                f"consecutive steps (train.max_skipped_steps={self.max_consecutive}); each was skipped, so the "
+                f"weights and the checkpoints are those of the last finite step. Lower {model}.optim.base_lr or "
+                f"{model}.optim.clip_grad and resume with checkpoint.allow_config_change=true")
         if self.report:
             print(f"mokd: warning: step {step} skipped on every rank: non-finite {reason} "
                   f"({self.consecutive} in a row)", file=sys.stderr, flush=True)

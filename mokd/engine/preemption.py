@@ -45,7 +45,8 @@ class StopRequest:
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """worker_init_fn of the training loaders: a scheduler signals every process of the job, and a data worker
-    killed by it would take the step down with it; the workers end when the trainer ends them."""
-    for number in SIGNALS:
+    """worker_init_fn of the training loaders: Ctrl-C reaches every process of the terminal's group and SIGUSR1
+    may be sent to the job's process tree; neither may kill a data worker under the trainer's feet. SIGTERM keeps
+    its effect: the loader ends its workers with it."""
+    for number in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(number, signal.SIG_IGN)
