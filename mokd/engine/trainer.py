@@ -161,7 +161,7 @@ class Trainer:
         with phase("data"):
             crops = [crop.to(self.device, non_blocking=True) for crop in crops]
 
-        with autocast(self.device, self.amp_dtype):
+        with autocast(self.device, self.amp_dtype), collective("forward (batch-norm statistics, parameter gathers)"):
             losses = self.objective(strategy.students, strategy.teachers, self.centres, crops, self.temperatures(step))
         with phase("centres"):  # one flat all-reduce of the six centres' statistics; in flight during backward
             centre_sync = CentreSync(losses.centre_sums, losses.centre_rows, self.config.perf.overlap_centre_reduce)
