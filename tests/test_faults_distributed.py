@@ -19,9 +19,10 @@ import torch
 from fault_helpers import REPO, Run, checkpoint_steps, logged_steps, wait_for_step, write_preset
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
-# ddp, deterministic: two runs of the same world size agree bit for bit.
+# ddp, deterministic: two runs of the same world size agree bit for bit. A one-minute collective timeout: on a
+# loaded machine a restarted group can fail to connect, and must then fail fast for torchrun to try again.
 ELASTIC = ["parallel.strategy=ddp", "train.batch_size=4", "train.deterministic=true", "train.max_steps=8",
-           "checkpoint.every_steps=2", "checkpoint.keep_last=2", "data.synthetic_size=64"]
+           "checkpoint.every_steps=2", "checkpoint.keep_last=2", "data.synthetic_size=64", "parallel.timeout_minutes=1"]
 
 
 def free_port() -> int:
@@ -70,7 +71,7 @@ def reference(tmp_path_factory) -> list[dict]:
 def test_torchrun_restarts_a_killed_rank_and_the_run_ends_bit_identical(tmp_path, reference):
     run_dir = tmp_path / "run"
     run = torchrun(tmp_path / "out", run_dir, tmp_path / "logs",
-                   ["--nnodes", "1", "--nproc_per_node", "2", "--max-restarts", "2", "--master_port",
+                   ["--nnodes", "1", "--nproc_per_node", "2", "--max-restarts", "3", "--master_port",
                     str(free_port())])
     victim = workers_of(run, 2)[1]
     deadline = time.monotonic() + 300
