@@ -9,25 +9,53 @@ run directory as `config.yaml`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from mokd.errors import ConfigError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot be trained: unknown key, wrong type, or an impossible combination."""
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option accepts, declared once with the option and checked by `check_ranges`."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False  # low itself excluded
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
 
 
-def option(default: Any, help: str) -> Any:
-    """A schema field with its help text (shown by `mokd train --help`)."""
+POSITIVE = Range(0, low_open=True)  # rates, temperatures: zero is meaningless
+NON_NEGATIVE = Range(0)  # durations and counts where 0 means "off" or "all"
+AT_LEAST_ONE = Range(1)  # counts and sizes where zero cannot work
+UNIT = Range(0, 1)  # momenta, fractions
+BELOW_ONE = Range(0, 1, high_open=True)  # drop-path rate
+
+
+def option(default: Any, help: str, bounds: Optional[Range] = None) -> Any:
+    """A schema field with its help text (shown by `mokd train --help`) and, for numbers, the accepted range."""
+    metadata = {"help": help, "bounds": bounds}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def section(factory: type, help: str) -> Any:
@@ -36,11 +64,12 @@ def section(factory: type, help: str) -> Any:
 
 @dataclass
 class TemperatureConfig:
-    student: float = option(0.1, "student softmax temperature tau_s")
-    teacher_start: float = option(0.04, "teacher temperature at step 0 (linear warm-up start)")
-    teacher_end: float = option(0.07, "teacher temperature after the warm-up")
-    warmup_epochs_self: float = option(30.0, "teacher-temperature warm-up of the self terms L_sm, L_st (official CNN: 50)")
-    warmup_epochs_cross: float = option(30.0, "teacher-temperature warm-up of the cross terms L_cm, L_ct")
+    student: float = option(0.1, "student softmax temperature tau_s", POSITIVE)
+    teacher_start: float = option(0.04, "teacher temperature at step 0 (linear warm-up start)", POSITIVE)
+    teacher_end: float = option(0.07, "teacher temperature after the warm-up", POSITIVE)
+    warmup_epochs_self: float = option(30.0, "teacher-temperature warm-up of the self terms L_sm, L_st (official CNN: 50)",
+                                       NON_NEGATIVE)
+    warmup_epochs_cross: float = option(30.0, "teacher-temperature warm-up of the cross terms L_cm, L_ct", NON_NEGATIVE)
     warmup_unit: str = option("step", "the warm-up moves every step, or once per epoch (epoch: DINO's and the "
                               "official code's schedule, indexed by epoch)")
 
@@ -48,24 +77,27 @@ class TemperatureConfig:
 @dataclass
 class OptimConfig:
     name: str = option("adamw", "optimiser: sgd | lars | adamw")
-    base_lr: float = option(5e-4, "learning rate per 256 images (scaled by global batch / 256)")
-    min_lr: float = option(1e-5, "final learning rate of the cosine schedule")
-    warmup_epochs: float = option(10.0, "linear learning-rate warm-up, epochs")
-    weight_decay: float = option(0.04, "weight decay at step 0 (cosine schedule; none on biases and norms)")
-    weight_decay_end: float = option(0.4, "weight decay at the last step")
-    momentum: float = option(0.9, "SGD / LARS momentum")
-    clip_grad: float = option(3.0, "per-parameter gradient-norm clip; 0 disables")
-    freeze_last_layer_epochs: float = option(1.0, "epochs during which both heads' last layers get no update")
+    base_lr: float = option(5e-4, "learning rate per 256 images (scaled by global batch / 256)", POSITIVE)
+    min_lr: float = option(1e-5, "final learning rate of the cosine schedule", NON_NEGATIVE)
+    warmup_epochs: float = option(10.0, "linear learning-rate warm-up, epochs", NON_NEGATIVE)
+    weight_decay: float = option(0.04, "weight decay at step 0 (cosine schedule; none on biases and norms)",
+                                 NON_NEGATIVE)
+    weight_decay_end: float = option(0.4, "weight decay at the last step", NON_NEGATIVE)
+    momentum: float = option(0.9, "SGD / LARS momentum", UNIT)
+    clip_grad: float = option(3.0, "per-parameter gradient-norm clip; 0 disables", NON_NEGATIVE)
+    freeze_last_layer_epochs: float = option(1.0, "epochs during which both heads' last layers get no update",
+                                             NON_NEGATIVE)
 
 
 @dataclass
 class ModelConfig:
     backbone: str = option("resnet18", "timm backbone: resnet18|34|50|101, vit_tiny|small|base_patch16_224")
     small_image: bool = option(False, "28-32 px variant: CIFAR-style ResNet stem, or ViT with 4-pixel patches")
-    width: Optional[int] = option(None, "ResNet first-stage channels or ViT embedding dimension (null: timm's)")
-    depth: Optional[int] = option(None, "ViT depth (null: timm's)")
-    num_heads: Optional[int] = option(None, "ViT attention heads (null: timm's)")
-    drop_path: float = option(0.0, "stochastic depth rate of the student (teachers never drop)")
+    width: Optional[int] = option(None, "ResNet first-stage channels or ViT embedding dimension (null: timm's)",
+                                  AT_LEAST_ONE)
+    depth: Optional[int] = option(None, "ViT depth (null: timm's)", AT_LEAST_ONE)
+    num_heads: Optional[int] = option(None, "ViT attention heads (null: timm's)", AT_LEAST_ONE)
+    drop_path: float = option(0.0, "stochastic depth rate of the student (teachers never drop)", BELOW_ONE)
     trainable_last_layer_norm: bool = option(False, "train weight_g of the MLP-Head's weight-normalised last layer "
                                              "(official: false for the CNN, true for the ViT; the T-Head's is "
                                              "always trained)")
@@ -74,25 +106,26 @@ class ModelConfig:
     thead_optim: str = option("auto", "schedules of this model's T-Head parameter group: own | other (the other "
                               "model's lr and weight-decay schedules, every T-Head parameter decayed) | auto "
                               "(other for a CNN paired with a ViT, as in the official code; else own)")
-    cross_weight: float = option(1.0, "lambda_i, weight of this model's cross terms L_cm + L_ct")
+    cross_weight: float = option(1.0, "lambda_i, weight of this model's cross terms L_cm + L_ct", NON_NEGATIVE)
     koleo_weight: float = option(0.0, "weight of the KoLeo regulariser on this student's pooled global-crop "
-                                 "features (DINOv2; spreads features against dimensional collapse); 0: off")
+                                 "features (DINOv2; spreads features against dimensional collapse); 0: off",
+                                 NON_NEGATIVE)
     optim: OptimConfig = section(OptimConfig, "optimiser and schedules of this student")
     temperature: TemperatureConfig = section(TemperatureConfig, "temperatures of this model's loss terms")
 
 
 @dataclass
 class HeadConfig:
-    out_dim: int = option(65536, "K, output dimension of both heads of both models")
-    mlp_hidden_dim: int = option(2048, "MLP-Head hidden width")
-    mlp_bottleneck_dim: int = option(256, "MLP-Head bottleneck before the weight-normalised last layer")
+    out_dim: int = option(65536, "K, output dimension of both heads of both models", AT_LEAST_ONE)
+    mlp_hidden_dim: int = option(2048, "MLP-Head hidden width", AT_LEAST_ONE)
+    mlp_bottleneck_dim: int = option(256, "MLP-Head bottleneck before the weight-normalised last layer", AT_LEAST_ONE)
     mlp_batchnorm: bool = option(False, "BatchNorm after each hidden Linear of the MLP-Head (DINO's use_bn_in_head; "
                                  "keeps the teacher from going uniform on small data)")
     thead_dim: Optional[int] = option(None, "T-Head width D, shared (queries cross between the models); null: "
-                                      "the widest ViT's width (official), 384 for two CNNs")
-    thead_depth: int = option(3, "T-Head transformer blocks")
-    thead_heads: int = option(6, "T-Head attention heads")
-    thead_mlp_ratio: float = option(4.0, "T-Head MLP ratio")
+                                      "the widest ViT's width (official), 384 for two CNNs", AT_LEAST_ONE)
+    thead_depth: int = option(3, "T-Head transformer blocks", AT_LEAST_ONE)
+    thead_heads: int = option(6, "T-Head attention heads", AT_LEAST_ONE)
+    thead_mlp_ratio: float = option(4.0, "T-Head MLP ratio", POSITIVE)
     attention: str = option("sdpa", "T-Head attention: sdpa | flash (if installed) | math")
 
 
@@ -103,34 +136,36 @@ class LossConfig:
     cross_mlp: bool = option(True, "L_cm: MLP-Head against the other model's teacher")
     cross_search: bool = option(True, "L_ct: feature search with cross-attention in the other teacher's T-Head")
     search_pairing: str = option("local_to_global", "local_to_global (official) | global_to_global (paper)")
-    centre_momentum: float = option(0.9, "momentum m_c of the six centres")
-    teacher_momentum: float = option(0.996, "EMA momentum at step 0 (cosine schedule to 1)")
+    centre_momentum: float = option(0.9, "momentum m_c of the six centres", UNIT)
+    teacher_momentum: float = option(0.996, "EMA momentum at step 0 (cosine schedule to 1)", UNIT)
     kernel: str = option("auto", "DINO cross-entropy implementation: auto | triton | native | torch | reference "
                                  "(auto: triton on CUDA, native on CPU when built, else torch)")
     centring: str = option("centre", "teacher targets of L_sm, L_st, L_cm: centre (softmax((t - c) / tau_t), the "
                            "paper) | sinkhorn_knopp (DINOv2/v3: equipartition over the global batch)")
-    sinkhorn_iterations: int = option(3, "Sinkhorn-Knopp normalisation rounds (loss.centring=sinkhorn_knopp)")
+    sinkhorn_iterations: int = option(3, "Sinkhorn-Knopp normalisation rounds (loss.centring=sinkhorn_knopp)",
+                                      AT_LEAST_ONE)
 
 
 @dataclass
 class DataConfig:
     source: str = option("fashion_mnist", "fashion_mnist | imagefolder | synthetic | webdataset (tar shards)")
     root: Optional[str] = option(None, "dataset root (imagefolder: ROOT/train, ROOT/val; fashion_mnist: IDX dir)")
-    global_crop_size: int = option(224, "side of the two global crops, px")
-    local_crop_size: int = option(96, "side of the local crops, px")
-    n_local_crops: int = option(8, "local crops per image")
+    global_crop_size: int = option(224, "side of the two global crops, px", AT_LEAST_ONE)
+    local_crop_size: int = option(96, "side of the local crops, px", AT_LEAST_ONE)
+    n_local_crops: int = option(8, "local crops per image", NON_NEGATIVE)
     global_crop_scale: list[float] = option([0.25, 1.0], "area range of global crops")
     local_crop_scale: list[float] = option([0.05, 0.25], "area range of local crops")
     blur_sigma: list[float] = option([0.1, 2.0], "Gaussian-blur radius range at 224 px; each crop scales it by "
                                      "its side / 224 (DINO's 0.1-2 px is meant for 224 px crops)")
-    num_workers: int = option(2, "data-loading worker processes")
-    train_samples: int = option(0, "train on a fixed random subset of this many images (0: the whole split)")
+    num_workers: int = option(2, "data-loading worker processes", NON_NEGATIVE)
+    train_samples: int = option(0, "train on a fixed random subset of this many images (0: the whole split)",
+                                NON_NEGATIVE)
     validation_samples: int = option(0, "carve this many fixed images from the training split as the validation "
-                                        "split (never trained on; eval.split=validation scores on it)")
-    synthetic_size: int = option(256, "synthetic source: images per split")
-    synthetic_image_size: int = option(32, "synthetic source: image side, px")
-    synthetic_classes: int = option(10, "synthetic source: classes")
-    synthetic_channels: int = option(3, "synthetic source: channels")
+                                        "split (never trained on; eval.split=validation scores on it)", NON_NEGATIVE)
+    synthetic_size: int = option(256, "synthetic source: images per split", AT_LEAST_ONE)
+    synthetic_image_size: int = option(32, "synthetic source: image side, px", AT_LEAST_ONE)
+    synthetic_classes: int = option(10, "synthetic source: classes", AT_LEAST_ONE)
+    synthetic_channels: int = option(3, "synthetic source: channels", AT_LEAST_ONE)
     shards: Optional[str] = option(None, "webdataset: training shard URLs, brace-expanded, '::' between patterns "
                                    "(/data/train-{000000..000146}.tar, or pipe:aws s3 cp s3://b/train-{...}.tar -)")
     eval_shards: Optional[str] = option(None, "webdataset: held-out (val/test) shard URLs for k-NN, linear probe "
@@ -140,23 +175,26 @@ class DataConfig:
     shard_channels: int = option(3, "webdataset: channels the images are decoded to (1 for Fashion-MNIST shards)")
     shard_statistics: str = option("imagefolder", "webdataset: normalisation statistics of this source "
                                    "(imagefolder = ImageNet | fashion_mnist | synthetic)")
-    shuffle_buffer: int = option(1000, "webdataset: samples in each worker's shuffle buffer (kept encoded)")
+    shuffle_buffer: int = option(1000, "webdataset: samples in each worker's shuffle buffer (kept encoded)",
+                                 AT_LEAST_ONE)
     max_corrupt_fraction: float = option(0.01, "webdataset: stop when a data worker skips more than this fraction "
-                                         "of its share of an epoch as corrupt or missing")
+                                         "of its share of an epoch as corrupt or missing", UNIT)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = option(100, "training epochs (all schedules span them)")
-    batch_size: int = option(64, "images per device per step")
-    max_steps: int = option(0, "stop after this many steps in total (0: all epochs)")
-    seed: int = option(0, "seed of model initialisation, data order and augmentation")
+    epochs: int = option(100, "training epochs (all schedules span them)", AT_LEAST_ONE)
+    batch_size: int = option(64, "images per device per step", AT_LEAST_ONE)
+    max_steps: int = option(0, "stop after this many steps in total (0: all epochs)", NON_NEGATIVE)
+    seed: int = option(0, "seed of model initialisation, data order and augmentation", NON_NEGATIVE)
     precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (GradScaler per model)")
     device: str = option("auto", "auto | cpu | cuda")
     deterministic: bool = option(False, "deterministic algorithms (exact resume on CPU)")
-    log_every: int = option(10, "steps between metric records")
+    log_every: int = option(10, "steps between metric records", AT_LEAST_ONE)
+    max_skipped_steps: int = option(5, "consecutive steps with a non-finite loss or gradient (each skipped on every "
+                                    "rank) after which training stops with an error", AT_LEAST_ONE)
     threads: int = option(0, "intra-op CPU threads per process (0: torch's default, one per core); set 1 when "
-                          "other busy processes share the cores: descheduled threads spin")
+                          "other busy processes share the cores: descheduled threads spin", NON_NEGATIVE)
     warn_feature_cosine: float = option(0.95, "warn when a teacher's pooled features reach this mean pairwise cosine "
                                         "(features collapsing onto one direction)")
     warn_feature_rank: float = option(1.5, "warn when a teacher's pooled features fall to this effective rank")
@@ -187,9 +225,15 @@ class PerfConfig:
 @dataclass
 class CheckpointConfig:
     enabled: bool = option(True, "write checkpoints (off only for throwaway runs such as smoke tests)")
-    every_steps: int = option(0, "steps between checkpoints (0: at the end of every epoch)")
-    keep_last: int = option(3, "complete checkpoints kept")
+    every_steps: int = option(0, "steps between checkpoints (0: at the end of every epoch)", NON_NEGATIVE)
+    keep_last: int = option(3, "complete checkpoints kept", AT_LEAST_ONE)
     resume: bool = option(True, "restart from the newest complete checkpoint in the run directory")
+    allow_config_change: bool = option(False, "resume even though a key that changes the schedules or the data "
+                                       "order (batch, lrs, epochs, seed...) differs from the checkpoint's")
+    fallback: bool = option(True, "when the newest checkpoint is unreadable or fails its checksums, resume from "
+                            "the previous complete one (with a warning naming the file); false: stop")
+    async_save: bool = option(False, "write checkpoints in the background (DCP async_save, staged in CPU memory): "
+                              "training stalls only for the copy; COMPLETE is still written last")
 
 
 @dataclass
@@ -200,37 +244,40 @@ class ParallelConfig:
     backend: str = option("auto", "process-group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo")
     reshard_after_forward: bool = option(True, "fsdp: free the gathered parameters after each block's forward "
                                          "(less memory, one more all-gather in backward)")
-    timeout_minutes: int = option(30, "collective timeout: a rank stuck longer than this aborts the job")
+    timeout_minutes: float = option(30.0, "collective timeout: a rank stuck longer than this aborts the job",
+                                    POSITIVE)
 
 
 @dataclass
 class EvalConfig:
     split: str = option("test", "held-out split that evaluation scores: test | validation (data.validation_samples "
                                 "images carved from train, for tuning)")
-    knn_k: int = option(20, "k-NN neighbours")
-    knn_temperature: float = option(0.07, "k-NN vote temperature (votes weighted by exp(sim / T))")
-    batch_size: int = option(256, "feature-extraction batch")
+    knn_k: int = option(20, "k-NN neighbours", AT_LEAST_ONE)
+    knn_temperature: float = option(0.07, "k-NN vote temperature (votes weighted by exp(sim / T))", POSITIVE)
+    batch_size: int = option(256, "feature-extraction batch", AT_LEAST_ONE)
     knn_at_end: bool = option(True, "run k-NN on both teacher backbones when training ends")
     knn_untrained: bool = option(True, "also score the untrained networks, for comparison")
-    image_size: int = option(224, "evaluation image side, px (small sources keep their size)")
-    max_train_samples: int = option(0, "k-NN memory bank size (0: the whole training split)")
+    image_size: int = option(224, "evaluation image side, px (small sources keep their size)", AT_LEAST_ONE)
+    max_train_samples: int = option(0, "k-NN memory bank size (0: the whole training split)", NON_NEGATIVE)
     linear_at_end: bool = option(True, "train a linear probe on both teacher backbones when training ends "
                                  "(on the features the k-NN extracted; needs knn_at_end)")
-    linear_epochs: int = option(100, "linear-probe epochs over the cached (unaugmented) training features")
-    linear_batch_size: int = option(256, "linear-probe batch")
+    linear_epochs: int = option(100, "linear-probe epochs over the cached (unaugmented) training features",
+                                AT_LEAST_ONE)
+    linear_batch_size: int = option(256, "linear-probe batch", AT_LEAST_ONE)
     linear_lr: float = option(0.1, "linear-probe base lr, scaled by linear_batch_size / 256 (SGD, momentum 0.9, "
-                              "cosine, no weight decay; features standardised)")
-    linear_n_last_blocks: int = option(4, "ViT probe input: CLS tokens of the last n blocks, concatenated")
+                              "cosine, no weight decay; features standardised)", POSITIVE)
+    linear_n_last_blocks: int = option(4, "ViT probe input: CLS tokens of the last n blocks, concatenated",
+                                       AT_LEAST_ONE)
     linear_avgpool_patch_tokens: bool = option(False, "ViT probe input: also append the average patch token")
-    finetune_epochs: int = option(30, "label-subset fine-tuning epochs (backbone + linear head)")
-    finetune_batch_size: int = option(64, "label-subset fine-tuning batch")
+    finetune_epochs: int = option(30, "label-subset fine-tuning epochs (backbone + linear head)", AT_LEAST_ONE)
+    finetune_batch_size: int = option(64, "label-subset fine-tuning batch", AT_LEAST_ONE)
     finetune_lr: float = option(0.01, "fine-tuning base lr, scaled by finetune_batch_size / 256 (SGD, momentum "
-                                "0.9, cosine, no weight decay)")
-    subset_seed: int = option(0, "seed of the class-balanced label subset (same seed, same subset)")
+                                "0.9, cosine, no weight decay)", POSITIVE)
+    subset_seed: int = option(0, "seed of the class-balanced label subset (same seed, same subset)", NON_NEGATIVE)
     analysis_at_end: bool = option(True, "write the analysis plots (consistency, attention distance, t-SNE) "
                                    "when training ends (needs knn_at_end)")
-    analysis_points: int = option(2000, "test images per model in the t-SNE plot")
-    analysis_attention_images: int = option(64, "test images for the mean attention distance")
+    analysis_points: int = option(2000, "test images per model in the t-SNE plot", AT_LEAST_ONE)
+    analysis_attention_images: int = option(64, "test images for the mean attention distance", AT_LEAST_ONE)
 
 
 @dataclass
@@ -317,7 +364,13 @@ def _merge_preset(config: DictConfig, preset: str, chain: tuple[str, ...] = ()) 
     path = _preset_path(preset)
     if str(path) in chain:
         raise ConfigError(f"preset {path}: circular inherit through {' -> '.join(chain)}")
-    layer = OmegaConf.load(path)
+    try:
+        layer = OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"preset {where}: YAML syntax error: {problem}") from None
     parent = layer.pop(INHERIT_KEY, None)
     if parent is not None:
         config = _merge_preset(config, parent, chain + (str(path),))
@@ -354,8 +407,26 @@ def _get(config: MOKDConfig, dotted: str) -> Any:
     return value
 
 
+def check_ranges(config: Any, prefix: str = "") -> None:
+    """Every number of the schema finite and inside the Range its option declares, naming the key."""
+    for item in fields(config):
+        key, value = f"{prefix}{item.name}", getattr(config, item.name)
+        if is_dataclass(value):
+            check_ranges(value, key + ".")
+            continue
+        for number in (value if isinstance(value, list) else [value]):
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                continue
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}={number} must be a finite number")
+            bounds = item.metadata.get("bounds")
+            if bounds is not None and number not in bounds:
+                raise ConfigError(f"{key}={number} must be {bounds}")
+
+
 def validate(config: MOKDConfig) -> None:
-    """Refuse combinations that cannot train, naming the key, before any model is built."""
+    """Refuse values and combinations that cannot train, naming the key, before any model is built."""
+    check_ranges(config)
     for key, allowed in CHOICES.items():
         if _get(config, key) not in allowed:
             raise ConfigError(f"{key}={_get(config, key)!r} is not one of {', '.join(allowed)}")
@@ -371,10 +442,6 @@ def validate(config: MOKDConfig) -> None:
     for name in ("model1", "model2"):
         model: ModelConfig = getattr(config, name)
         check_backbone(name, model)
-        if not 0.0 <= model.cross_weight:
-            raise ConfigError(f"{name}.cross_weight must be >= 0, got {model.cross_weight}")
-        if not 0.0 <= model.koleo_weight:
-            raise ConfigError(f"{name}.koleo_weight must be >= 0, got {model.koleo_weight}")
         for bound in ("global_crop_scale", "local_crop_scale"):
             scale = getattr(config.data, bound)
             if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
@@ -395,20 +462,13 @@ def validate(config: MOKDConfig) -> None:
         raise ConfigError("loss.search_pairing=local_to_global needs data.n_local_crops >= 1 "
                           "(or set loss.search_pairing=global_to_global)")
     validate_shard_options(config.data)
-    if config.data.validation_samples < 0:
-        raise ConfigError(f"data.validation_samples must be >= 0, got {config.data.validation_samples}")
     if config.eval.split == "validation" and config.data.validation_samples == 0:
         raise ConfigError("eval.split=validation needs data.validation_samples > 0 (the images carved from train)")
     if len(config.data.blur_sigma) != 2 or not 0 < config.data.blur_sigma[0] <= config.data.blur_sigma[1]:
         raise ConfigError(f"data.blur_sigma must be [low, high] with 0 < low <= high, got {config.data.blur_sigma}")
-    if config.loss.sinkhorn_iterations < 1:
-        raise ConfigError(f"loss.sinkhorn_iterations must be >= 1, got {config.loss.sinkhorn_iterations}")
-    if config.train.threads < 0:
-        raise ConfigError(f"train.threads must be >= 0, got {config.train.threads}")
-    if config.train.batch_size < 1:
-        raise ConfigError(f"train.batch_size must be >= 1, got {config.train.batch_size}")
-    if config.train.epochs < 1:
-        raise ConfigError(f"train.epochs must be >= 1, got {config.train.epochs}")
+    if config.checkpoint.async_save and config.parallel.strategy == "deepspeed":
+        raise ConfigError("checkpoint.async_save=true with parallel.strategy=deepspeed: DeepSpeed writes its own "
+                          "format synchronously; use single, ddp or fsdp for asynchronous checkpoints")
 
 
 def validate_shard_options(data: DataConfig) -> None:
@@ -425,7 +485,4 @@ def validate_shard_options(data: DataConfig) -> None:
                           "write fewer samples instead (mokd shards --limit N)")
     if data.shard_channels not in (1, 3):
         raise ConfigError(f"data.shard_channels must be 1 or 3, got {data.shard_channels}")
-    if data.shuffle_buffer < 1:
-        raise ConfigError(f"data.shuffle_buffer must be >= 1, got {data.shuffle_buffer}")
-    if not 0.0 <= data.max_corrupt_fraction <= 1.0:
-        raise ConfigError(f"data.max_corrupt_fraction must be in [0, 1], got {data.max_corrupt_fraction}")
+

@@ -104,7 +104,7 @@ def test_missing_dataset_says_how_to_install_it(tmp_path, capsys):
     assert "apt-get install dataset-fashion-mnist" in error and str(empty) in error
 
 
-def test_unreadable_checkpoint_is_named_and_an_incomplete_one_ignored(tmp_path):
+def test_unreadable_checkpoint_is_named_and_an_incomplete_one_ignored(tmp_path, capsys):
     config = tiny_config(tmp_path, extra=["train.max_steps=2", "checkpoint.every_steps=1"])
     Trainer(config, show_progress=False).train()
     checkpoints = tmp_path / "checkpoints"
@@ -116,6 +116,10 @@ def test_unreadable_checkpoint_is_named_and_an_incomplete_one_ignored(tmp_path):
     assert Trainer(config, show_progress=False).step == 2
 
     (newest / "meta.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert Trainer(config, show_progress=False).step == 1  # falls back, naming the file
+    assert str(newest / "meta.pt") in capsys.readouterr().err
+    strict = tiny_config(tmp_path, extra=["train.max_steps=2", "checkpoint.every_steps=1", "checkpoint.fallback=false"])
     with pytest.raises(CheckpointError, match=str(newest / "meta.pt")):
-        Trainer(config, show_progress=False)
+        Trainer(strict, show_progress=False)
     assert (newest / COMPLETE_MARKER).exists()  # nothing was deleted behind the user's back

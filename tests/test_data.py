@@ -441,7 +441,7 @@ def test_validation_split_options_are_checked() -> None:
 
     with pytest.raises(ConfigError, match="eval.split=validation needs data.validation_samples"):
         load_config("demo", ["eval.split=validation"])
-    with pytest.raises(ConfigError, match="data.validation_samples must be >= 0"):
+    with pytest.raises(ConfigError, match="data.validation_samples=-1 must be >= 0"):
         load_config("demo", ["data.validation_samples=-1"])
     with pytest.raises(ConfigError, match="eval.split='val' is not one of"):
         load_config("demo", ["eval.split=val"])

@@ -17,6 +17,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mokd.errors import DataError
+
 ENV_VAR = "MOKD_FASHION_MNIST_DIR"
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
@@ -45,7 +47,7 @@ def _split_files(split: str) -> tuple[str, str]:
     try:
         prefix = _SPLIT_PREFIX[split]
     except KeyError:
-        raise ValueError(f"Fashion-MNIST split {split!r} is unknown; valid splits: {sorted(_SPLIT_PREFIX)}") from None
+        raise DataError(f"Fashion-MNIST split {split!r} is unknown; valid splits: {sorted(_SPLIT_PREFIX)}") from None
     return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
 
 
@@ -120,22 +122,22 @@ def read_idx(path: Path, expected_ndim: int) -> np.ndarray:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as exc:
-            raise ValueError(f"{path}: corrupt gzip stream ({exc})") from None
+            raise DataError(f"{path}: corrupt gzip stream ({exc})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
+        raise DataError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
     dtype_code, ndim = raw[2], raw[3]
     if dtype_code != _IDX_UBYTE:
-        raise ValueError(f"{path}: IDX data type 0x{dtype_code:02x}, expected unsigned bytes (0x08)")
+        raise DataError(f"{path}: IDX data type 0x{dtype_code:02x}, expected unsigned bytes (0x08)")
     if ndim != expected_ndim:
-        raise ValueError(f"{path}: IDX has {ndim} dimensions, expected {expected_ndim}")
+        raise DataError(f"{path}: IDX has {ndim} dimensions, expected {expected_ndim}")
     header_size = 4 + 4 * ndim
     if len(raw) < header_size:
-        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes, need {header_size})")
+        raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes, need {header_size})")
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     expected = header_size + int(np.prod(shape))
     if len(raw) != expected:
         kind = "truncated" if len(raw) < expected else "has trailing bytes"
-        raise ValueError(f"{path}: {kind}: header declares shape {shape} ({expected} bytes), file has {len(raw)}")
+        raise DataError(f"{path}: {kind}: header declares shape {shape} ({expected} bytes), file has {len(raw)}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(shape)
 
 
@@ -154,11 +156,11 @@ class FashionMNIST(Dataset):
         self.data = read_idx(images_path, expected_ndim=3)
         labels = read_idx(labels_path, expected_ndim=1)
         if len(labels) != len(self.data):
-            raise ValueError(
+            raise DataError(
                 f"{labels_path} has {len(labels)} labels but {images_path} has {len(self.data)} images"
             )
         if len(labels) and int(labels.max()) >= len(CLASSES):
-            raise ValueError(f"{labels_path}: label {int(labels.max())} outside 0..{len(CLASSES) - 1}")
+            raise DataError(f"{labels_path}: label {int(labels.max())} outside 0..{len(CLASSES) - 1}")
         self.targets: list[int] = labels.tolist()
 
     def __len__(self) -> int:

@@ -16,6 +16,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mokd.engine.preemption import ignore_stop_signals
+from mokd.errors import DataError
+
 _SEED_MASK = (1 << 63) - 1
 
 
@@ -73,9 +76,9 @@ class ResumableBatchSampler(EpochPosition, Sampler[list[tuple[int, int]]]):
         if world_size <= 0 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if drop_last and dataset_size < batch_size * world_size:
-            raise ValueError(
-                f"dataset of {dataset_size} samples cannot fill one batch of {batch_size} on each of "
-                f"{world_size} rank(s) with drop_last; lower the batch size or use more data"
+            raise DataError(
+                f"dataset of {dataset_size} samples cannot fill one batch of train.batch_size={batch_size} on each "
+                f"of {world_size} rank(s) with drop_last; lower the batch size or use more data"
             )
         self.dataset_size, self.batch_size, self.seed = dataset_size, batch_size, seed
         self.rank, self.world_size = rank, world_size
@@ -195,6 +198,7 @@ def build_train_loader(
         collate_fn=collate_crops,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,  # worker start-up is paid once, not every epoch
+        worker_init_fn=ignore_stop_signals,
         # Its own generator: starting an iterator draws a worker base seed, which must not consume the global
         # RNG that the model's stochastic depth uses (a resumed run starts one more iterator).
         generator=torch.Generator().manual_seed(seed),

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from mokd.data.shards import (IMAGE_EXTENSIONS, LABEL_EXTENSION, MANIFEST_NAME, CorruptSample, RawSample,
                               decode_label, decode_sample, expand_shard_urls, is_local, iter_shard, local_path,
                               read_manifest, shard_name, split_member_name)
+from mokd.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class ShardDataset(Dataset):
         if self._entries is None:
             self._entries = [entry for shard in range(len(self.urls)) for entry in self._index(shard)]
             if not self._entries:
-                raise ValueError(f"{self.key}: the shards hold no sample ({self.urls[0]} ...)")
+                raise DataError(f"{self.key}: the shards hold no sample ({self.urls[0]} ...)")
         return self._entries
 
     @property
@@ -105,8 +106,8 @@ class ShardDataset(Dataset):
                     elif extension == LABEL_EXTENSION:
                         raw.label = archive.extractfile(member).read()
         except (tarfile.TarError, EOFError, OSError) as error:
-            raise ValueError(f"shard {path} is damaged: {error}") from None
+            raise DataError(f"shard {path} is damaged: {error}") from None
         end = max((offset + size for _, (offset, size) in samples), default=0)
         if path.stat().st_size < end:
-            raise ValueError(f"shard {path} is truncated: {path.stat().st_size} bytes, its images reach byte {end}")
+            raise DataError(f"shard {path} is truncated: {path.stat().st_size} bytes, its images reach byte {end}")
         return samples

@@ -40,14 +40,16 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mokd.data.loader import EpochPosition, _hash63, collate_crops, seeded_transform
-from mokd.data.shards import (CorruptSample, RawSample, decode_sample, expand_shard_urls, iter_shard, shard_name,
-                              shard_sample_counts)
+from mokd.data.shards import (CorruptSample, RawSample, check_local_shards, decode_sample, expand_shard_urls,
+                              iter_shard, shard_name, shard_sample_counts)
+from mokd.engine.preemption import ignore_stop_signals
+from mokd.errors import DataError
 
 # Columns of the shared statistics table, one row per worker.
 _READ, _CORRUPT, _MISSING = range(3)
 
 
-class ShardDataError(RuntimeError):
+class ShardDataError(DataError):
     """Too many corrupt or missing samples, or none usable: training stops rather than learn from garbage."""
 
 
@@ -232,7 +234,7 @@ class ShardLoader(EpochPosition):
         self._length = batches_per_rank(stream.counts, stream.batch_size, stream.world_size)
         self.loader = DataLoader(
             stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-            persistent_workers=num_workers > 0,
+            persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals,
             # Its own generator, as in build_train_loader: starting an iterator must not consume the global RNG.
             generator=torch.Generator().manual_seed(seed))
 
@@ -263,11 +265,11 @@ def build_shard_loader(urls: list[str], counts: list[int], transform: Callable[[
     """
     workers = max(1, num_workers)
     if len(urls) < world_size * workers:
-        raise ValueError(f"data.shards has {len(urls)} shards, fewer than {world_size} ranks x {workers} workers "
+        raise DataError(f"data.shards has {len(urls)} shards, fewer than {world_size} ranks x {workers} workers "
                          f"= {world_size * workers}: every data worker needs at least one shard; write more, "
                          "smaller shards (mokd shards --shards N) or lower data.num_workers")
     if batches_per_rank(counts, batch_size, world_size) == 0:
-        raise ValueError(f"data.shards holds {sum(counts)} samples, fewer than one batch of {batch_size} on each "
+        raise DataError(f"data.shards holds {sum(counts)} samples, fewer than one batch of {batch_size} on each "
                          f"of {world_size} ranks")
     stream = ShardStream(urls, counts, transform, channels, batch_size, seed, rank, world_size, workers,
                          shuffle_buffer, max_corrupt_fraction)
@@ -278,6 +280,7 @@ def shard_train_loader(data_config, transform: Callable[[Any], list[torch.Tensor
                        rank: int, world_size: int) -> ShardLoader:
     """`build_shard_loader` with the options of a run's `data` section (data.shards, data.shard_manifest, ...)."""
     urls = expand_shard_urls(data_config.shards, "data.shards")
+    check_local_shards(urls, "data.shards")
     counts = shard_sample_counts(urls, data_config.shard_manifest)
     return build_shard_loader(urls, counts, transform, data_config.shard_channels, batch_size, seed,
                               data_config.num_workers, rank, world_size, data_config.shuffle_buffer,

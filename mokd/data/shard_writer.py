@@ -25,6 +25,7 @@ from webdataset import TarWriter
 from mokd.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from mokd.data.fashion_mnist import FashionMNIST
 from mokd.data.shards import IMAGE_EXTENSIONS, LABEL_EXTENSION, MANIFEST_FORMAT, MANIFEST_NAME
+from mokd.errors import DataError
 
 WRITER_SOURCES = ("imagefolder", "fashion_mnist", "filelist")
 
@@ -41,7 +42,7 @@ class SourceSample:
 def _extension(path: Path) -> str:
     extension = path.suffix.lower().lstrip(".")
     if extension not in IMAGE_EXTENSIONS:
-        raise ValueError(f"{path}: extension .{extension} is not an image extension ({', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"{path}: extension .{extension} is not an image extension ({', '.join(IMAGE_EXTENSIONS)})")
     return extension
 
 
@@ -59,7 +60,7 @@ def imagefolder_samples(root: Path) -> tuple[list[SourceSample], list[str]]:
                for path in sorted((root / name).rglob("*"))
                if path.is_file() and path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS]
     if not samples:
-        raise ValueError(f"ImageFolder root {root} holds no images in class subdirectories ({root}/<class>/<image>)")
+        raise DataError(f"ImageFolder root {root} holds no images in class subdirectories ({root}/<class>/<image>)")
     return samples, classes
 
 
@@ -71,14 +72,14 @@ def filelist_samples(listing: Path) -> list[SourceSample]:
             continue
         path_text, _, label_text = line.strip().rpartition(" ")
         if not path_text or not label_text.isdigit():
-            raise ValueError(f"{listing}:{number}: expected 'PATH LABEL' with a non-negative integer label, got {line!r}")
+            raise DataError(f"{listing}:{number}: expected 'PATH LABEL' with a non-negative integer label, got {line!r}")
         path = Path(path_text.strip())
         path = path if path.is_absolute() else listing.parent / path
         if not path.is_file():
             raise FileNotFoundError(f"{listing}:{number}: image {path} not found")
         samples.append(_file_sample(path, int(label_text)))
     if not samples:
-        raise ValueError(f"file list {listing} lists no image")
+        raise DataError(f"file list {listing} lists no image")
     return samples
 
 
@@ -107,7 +108,7 @@ def write_shards(samples: list[SourceSample], out: Path, prefix: str, samples_pe
     Give either `samples_per_shard` or the number of `shards` (samples spread evenly). Returns the manifest.
     """
     if (samples_per_shard > 0) == (shards > 0):
-        raise ValueError("give exactly one of --samples-per-shard and --shards (a positive number)")
+        raise DataError("give exactly one of --samples-per-shard and --shards (a positive number)")
     order = list(samples)
     random.Random(seed).shuffle(order)
     if limit > 0:
@@ -140,14 +141,14 @@ def write_shards_from(source: str, out: Path, prefix: str, input_path: Optional[
     classes: Optional[list[str]] = None
     if source == "imagefolder":
         if input_path is None:
-            raise ValueError("--source imagefolder needs --input ROOT (ROOT/<class>/<image>)")
+            raise DataError("--source imagefolder needs --input ROOT (ROOT/<class>/<image>)")
         samples, classes = imagefolder_samples(input_path)
     elif source == "filelist":
         if input_path is None:
-            raise ValueError("--source filelist needs --input FILE (lines of 'PATH LABEL')")
+            raise DataError("--source filelist needs --input FILE (lines of 'PATH LABEL')")
         samples = filelist_samples(input_path)
     elif source == "fashion_mnist":
         samples, classes = fashion_mnist_samples(split, input_path), list(FASHION_MNIST_CLASSES)
     else:
-        raise ValueError(f"shard source {source!r} is unknown; valid sources: {list(WRITER_SOURCES)}")
+        raise DataError(f"shard source {source!r} is unknown; valid sources: {list(WRITER_SOURCES)}")
     return write_shards(samples, out, prefix, classes=classes, source=source, **options)

@@ -27,6 +27,8 @@ from PIL import Image
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 
+from mokd.errors import DataError
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mokd-shards/1"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
@@ -44,8 +46,17 @@ def expand_shard_urls(pattern: str, key: str = "data.shards") -> list[str]:
     """Brace-expanded shard URLs of `pattern` ('::' separates several patterns); `key` names the option."""
     urls = expand_urls(pattern) if pattern else []
     if not urls:
-        raise ValueError(f"{key}={pattern!r} names no shard")
+        raise DataError(f"{key}={pattern!r} names no shard")
     return urls
+
+
+def check_local_shards(urls: list[str], key: str = "data.shards") -> None:
+    """Every local shard exists, checked at start: a missing one would otherwise surface only when a data
+    worker reaches it, possibly hours in."""
+    missing = [str(local_path(url)) for url in urls if is_local(url) and not local_path(url).is_file()]
+    if missing:
+        raise DataError(f"{key}: {len(missing)} of {len(urls)} shards missing: {', '.join(missing[:5])}"
+                        f"{' ...' if len(missing) > 5 else ''}")
 
 
 def is_local(url: str) -> bool:
@@ -63,7 +74,7 @@ def shard_name(url: str) -> str:
         return local_path(url).name
     found = _TAR_NAME.findall(url)
     if not found:
-        raise ValueError(f"shard URL {url!r} names no *.tar file, so the manifest cannot be matched to it")
+        raise DataError(f"shard URL {url!r} names no *.tar file, so the manifest cannot be matched to it")
     return found[-1]
 
 
@@ -72,11 +83,11 @@ def manifest_path_for(urls: list[str], manifest: Optional[str]) -> Path:
     if manifest:
         return Path(manifest)
     if not all(is_local(url) for url in urls):
-        raise ValueError("data.shard_manifest must name the manifest.json of shards read through pipe: or network "
+        raise DataError("data.shard_manifest must name the manifest.json of shards read through pipe: or network "
                          "URLs (it sits beside local shards, where it is found without the option)")
     directories = {local_path(url).parent for url in urls}
     if len(directories) != 1:
-        raise ValueError(f"shards span {len(directories)} directories; set data.shard_manifest to one manifest "
+        raise DataError(f"shards span {len(directories)} directories; set data.shard_manifest to one manifest "
                          "that lists them all")
     return directories.pop() / MANIFEST_NAME
 
@@ -89,9 +100,9 @@ def read_manifest(path: Path) -> dict:
         raise FileNotFoundError(f"shard manifest {path} not found (written by `mokd shards`; set "
                                 "data.shard_manifest to its path)") from None
     except json.JSONDecodeError as error:
-        raise ValueError(f"shard manifest {path} is not valid JSON: {error}") from None
+        raise DataError(f"shard manifest {path} is not valid JSON: {error}") from None
     if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("shards"), list):
-        raise ValueError(f"shard manifest {path} is not a {MANIFEST_FORMAT} manifest (no 'format'/'shards' entry)")
+        raise DataError(f"shard manifest {path} is not a {MANIFEST_FORMAT} manifest (no 'format'/'shards' entry)")
     return manifest
 
 
@@ -103,7 +114,7 @@ def shard_sample_counts(urls: list[str], manifest: Optional[str]) -> list[int]:
     for url in urls:
         name = shard_name(url)
         if name not in counts:
-            raise ValueError(f"shard {name} ({url}) is not listed in the manifest {path}")
+            raise DataError(f"shard {name} ({url}) is not listed in the manifest {path}")
         result.append(counts[name])
     return result
 
@@ -156,7 +167,7 @@ def iter_shard(url: str, strict: bool = False) -> Iterator[RawSample]:
                         current.label = data
         except (tarfile.TarError, EOFError, OSError) as error:
             if strict:
-                raise ValueError(f"shard {url} is truncated or damaged after {index} samples: {error}") from None
+                raise DataError(f"shard {url} is truncated or damaged after {index} samples: {error}") from None
             # Otherwise what was read so far stands, and the caller counts the rest as lost.
         if current is not None:
             yield current

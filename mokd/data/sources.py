@@ -19,6 +19,7 @@ from torchvision.datasets import ImageFolder
 from mokd.data.fashion_mnist import FashionMNIST
 from mokd.data.shard_dataset import ShardDataset
 from mokd.data.transforms import dataset_statistics
+from mokd.errors import DataError
 
 SOURCES = ("fashion_mnist", "imagefolder", "synthetic")
 
@@ -43,14 +44,14 @@ class SyntheticDataset(Dataset):
         self, size: int, image_size: int, num_classes: int, channels: int, seed: int, split: str
     ) -> None:
         if channels not in (1, 3):
-            raise ValueError(f"synthetic_channels must be 1 or 3, got {channels}")
+            raise DataError(f"synthetic_channels must be 1 or 3, got {channels}")
         if size <= 0 or image_size <= 0 or num_classes <= 0:
-            raise ValueError(
+            raise DataError(
                 f"synthetic_size, synthetic_image_size and synthetic_classes must be positive, "
                 f"got {size}, {image_size}, {num_classes}"
             )
         if seed < 0:
-            raise ValueError(f"synthetic seed must be non-negative, got {seed}")
+            raise DataError(f"synthetic seed must be non-negative, got {seed}")
         self.size, self.image_size, self.channels, self.seed = size, image_size, channels, seed
         self.split = split
         # Any split other than train is a held-out one; all of them share one stream distinct from train's.
@@ -90,9 +91,9 @@ class SyntheticDataset(Dataset):
 def _imagefolder_directory(root: str | os.PathLike | None, split: str) -> Path:
     """root/<split>; "test" falls back to root/val because ImageNet-style trees ship only train and val."""
     if root is None:
-        raise ValueError("data source 'imagefolder' needs data.root (a directory with train/ and val/)")
+        raise DataError("data source 'imagefolder' needs data.root (a directory with train/ and val/)")
     if split not in ("train", "val", "test"):
-        raise ValueError(f"imagefolder split {split!r} is unknown; valid splits: ['test', 'train', 'val']")
+        raise DataError(f"imagefolder split {split!r} is unknown; valid splits: ['test', 'train', 'val']")
     base = Path(root)
     candidates = [base / split] + ([base / "val"] if split == "test" else [])
     for directory in candidates:
@@ -126,7 +127,7 @@ def build_dataset(
         try:
             return ImageFolderDataset(str(directory))
         except FileNotFoundError as exc:  # torchvision's message for a tree with no classes or no images
-            raise ValueError(
+            raise DataError(
                 f"ImageFolder directory {directory} holds no images in class subdirectories "
                 f"(expected {directory}/<class>/<image>): {exc}"
             ) from None
@@ -134,7 +135,7 @@ def build_dataset(
         return SyntheticDataset(
             synthetic_size, synthetic_image_size, synthetic_classes, synthetic_channels, seed, split
         )
-    raise ValueError(f"data source {source!r} is unknown; valid sources: {list(SOURCES)}")
+    raise DataError(f"data source {source!r} is unknown; valid sources: {list(SOURCES)}")
 
 
 def num_classes(dataset: Dataset) -> int:
@@ -180,7 +181,7 @@ VALIDATION_SEED = 20_240_229
 def carve_validation(train_set: Dataset, size: int, split: str, key: str = "data.validation_samples") -> Dataset:
     """`size` fixed random images of the training split as "validation", the rest as "train" (disjoint)."""
     if not 0 < size < len(train_set):
-        raise ValueError(f"{key}={size} must be between 1 and {len(train_set) - 1} (the training split has "
+        raise DataError(f"{key}={size} must be between 1 and {len(train_set) - 1} (the training split has "
                          f"{len(train_set)} images)")
     order = _random_indices(len(train_set), VALIDATION_SEED)
     chosen = order[:size] if split == "validation" else order[size:]
@@ -196,7 +197,7 @@ def dataset_for(data_config, split: str, seed: int) -> Dataset:
     """
     if split == "validation" or (split == "train" and data_config.validation_samples > 0):
         if data_config.validation_samples <= 0:
-            raise ValueError("the validation split needs data.validation_samples > 0 (images carved from train)")
+            raise DataError("the validation split needs data.validation_samples > 0 (images carved from train)")
         train_set = _source_split(data_config, "train", seed)
         return carve_validation(train_set, data_config.validation_samples, split)
     return _source_split(data_config, split, seed)
@@ -207,7 +208,7 @@ def _source_split(data_config, split: str, seed: int) -> Dataset:
         key = "data.shards" if split == "train" else "data.eval_shards"
         pattern = data_config.shards if split == "train" else data_config.eval_shards
         if not pattern:
-            raise ValueError(f"data.source=webdataset: the {split!r} split needs {key} (shard URLs)")
+            raise DataError(f"data.source=webdataset: the {split!r} split needs {key} (shard URLs)")
         return ShardDataset(pattern, data_config.shard_channels, key)
     return build_dataset(data_config.source, split, data_config.root, synthetic_size=data_config.synthetic_size,
                          synthetic_image_size=data_config.synthetic_image_size,

@@ -9,12 +9,21 @@ Without any of them the run is a single process and no process group is created.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+
+from mokd.errors import CollectiveError, ConfigError
+
+# What gloo and NCCL say when a peer does not answer in time or has died: a hung rank, not a bug.
+_PEER_FAILURES = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                  "NCCL communicator was aborted", "collective operation timeout")
+_timeout_minutes = 0.0
 
 
 @dataclass(frozen=True)
@@ -58,13 +67,15 @@ def init_world(device: torch.device, parallel_config) -> World:
             os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         for key in ("MASTER_ADDR", "MASTER_PORT"):
             if key not in os.environ:
-                raise RuntimeError(f"{world_size} processes but {key} is not set: launch with torchrun, the DeepSpeed "
+                raise ConfigError(f"{world_size} processes but {key} is not set: launch with torchrun, the DeepSpeed "
                                    f"launcher, or export it in the SLURM batch script")
         for key, value in (("RANK", rank), ("WORLD_SIZE", world_size), ("LOCAL_RANK", local_rank)):
             os.environ.setdefault(key, str(value))  # env:// rendezvous reads these (srun sets only SLURM_*)
         backend = parallel_config.backend
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
+        global _timeout_minutes
+        _timeout_minutes = parallel_config.timeout_minutes
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(minutes=parallel_config.timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
@@ -74,6 +85,47 @@ def init_world(device: torch.device, parallel_config) -> World:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def collective(name: str) -> Iterator[None]:
+    """Name the collectives run inside the block: a peer that hangs past parallel.timeout_minutes or dies becomes a
+    CollectiveError naming `name` and this rank, instead of a transport error from deep inside gloo or NCCL."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not dist.is_initialized() or not (isinstance(error, dist.DistError)
+                                             or any(sign in str(error) for sign in _PEER_FAILURES)):
+            raise
+        detail = str(error).strip().splitlines()[0][-200:]
+        raise CollectiveError(f"rank {dist.get_rank()}: collective '{name}' failed (parallel.timeout_minutes="
+                              f"{_timeout_minutes:g}): another rank is hung or dead ({detail})") from None
+
+
+def any_rank(flags: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of a small flag vector over ranks, in one all-reduce: every rank decides alike."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flags = flags.clone()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's `value` on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -10,12 +10,14 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from mokd.errors import ConfigError
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
     return torch.device(name)
 
 

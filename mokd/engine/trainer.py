@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -19,14 +20,20 @@ from mokd.config import MOKDConfig, save_config, to_yaml
 from mokd.data import (MultiCropTransform, build_train_loader, data_statistics, dataset_for, limit_size, loader_statistics,
                        shard_train_loader)
 from mokd.engine.collapse_watch import CollapseWatch
-from mokd.engine.checkpoint import META_FILE, TEACHERS_FILE, CheckpointError, CheckpointManager
-from mokd.engine.distributed import CentreSync, World, all_reduce_mean, all_reduce_sum, init_world
+from mokd.engine.checkpoint import META_FILE, TEACHERS_FILE, CheckpointError, CheckpointManager, Finish, save_torch
+from mokd.engine.distributed import (CentreSync, World, all_gather_objects, all_reduce_mean, all_reduce_sum, any_rank,
+                                     broadcast_object, collective, init_world)
+from mokd.engine.guard import StepGuard, non_finite_flags, non_finite_module
 from mokd.engine.metrics import MetricsLogger
 from mokd.engine.optim import build_optimizer
 from mokd.engine.perf import apply_perf
+from mokd.engine.preemption import StopRequest
+from mokd.engine.resume_check import check_resume
+from mokd.engine.run_lock import RunLock, check_run_directory
 from mokd.engine.runtime import (autocast, autocast_dtype, peak_memory_bytes, resolve_device, restore_rng_state,
                                  rng_state, seed_rng_for_rank, set_determinism)
 from mokd.engine.strategies import build_strategy
+from mokd.errors import DataError, MokdError, NonFiniteError, user_message
 from mokd.method.mokd import Centres, MOKDObjective, StepLosses, Temperatures, untimed
 from mokd.method.network import Network
 from mokd.method.pair import build_network, build_pair, thead_follows_other
@@ -64,20 +71,16 @@ class Trainer:
         self.world: World = init_world(resolve_device(config.train.device), config.parallel)
         self.device = self.world.device
         self.checkpoints = CheckpointManager(self.run_dir, config.checkpoint.keep_last)
-        latest = self.checkpoints.latest()
-        if latest is not None and not config.checkpoint.resume:  # refuse before touching the run's files
-            raise CheckpointError(f"{self.run_dir} already holds checkpoints (newest {latest.name}) and "
-                                  f"checkpoint.resume=false: choose a new run_dir, or remove {self.checkpoints.directory}")
-        if self.world.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.run_dir / "config.yaml")
+        # Everything that can refuse the run (values, device, data, the directory) is checked before the run
+        # directory is created or changed; config.yaml is written only once the checkpoint (if any) has loaded.
+        check_run_directory(self.run_dir)
         set_determinism(config.train.seed, config.train.deterministic)
         self.amp_dtype = autocast_dtype(config.train.precision, self.device)
 
         self.dataset, self.loader, self.sampler = build_train_data(config, self.world.rank, self.world.world_size)
         self.steps_per_epoch = len(self.sampler)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"train.batch_size={config.train.batch_size} is larger than the {len(self.dataset)} "
+            raise DataError(f"train.batch_size={config.train.batch_size} is larger than the {len(self.dataset)} "
                              f"training images of data.source={config.data.source}: no full batch per epoch")
         self.total_steps = config.train.epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, config.train.max_steps or self.total_steps)
@@ -101,14 +104,47 @@ class Trainer:
                           for i, model in enumerate(model_configs)]
 
         self.phase = untimed  # the step's phase hook; a profiler installs a timer with set_phase_hook
+        self.guard = StepGuard(config.train.max_skipped_steps, report=self.world.is_main)
+        self.stop = StopRequest()
+        self.stop_agreed: Optional[str] = None  # the stop signal every rank has seen, at a step boundary
+        self.scaler_skipped = [False, False]
 
         self.step = 0
-        if latest is not None:
-            self.load(latest)
+        self.lock = RunLock(self.run_dir)
+        self.open_run()
         self.metrics = (MetricsLogger(self.run_dir, self.last_step, self.step, show_progress)
                         if self.world.is_main else None)
         self.collapse_watch = CollapseWatch(config.head.out_dim, config.train.warn_feature_cosine,
                                             config.train.warn_feature_rank, config.train.warn_entropy_fraction)
+
+    def open_run(self) -> None:
+        """Collective: claim the run directory (rank 0: writable, locked), resume from the newest checkpoint that
+        verifies and fits the requested config, and only then write config.yaml. Nothing is written on refusal."""
+        problem = None
+        if self.world.is_main:
+            try:
+                self.lock.acquire()
+            except (MokdError, OSError) as error:
+                problem = error
+        message = broadcast_object(None if problem is None else user_message(problem))
+        if problem is not None:
+            raise problem
+        if message is not None:
+            raise MokdError(f"rank 0 could not open {self.run_dir}: {message}")
+        try:
+            latest = self.checkpoints.latest()
+            if latest is not None and not self.config.checkpoint.resume:
+                raise CheckpointError(f"{self.run_dir} already holds checkpoints (newest {latest.name}) and "
+                                      f"checkpoint.resume=false: choose a new run_dir, or remove "
+                                      f"{self.checkpoints.directory}")
+            loaded = self.checkpoints.resume(self.load, self.config.checkpoint.fallback, self.world.is_main)
+            if self.world.is_main:
+                save_config(self.config, self.run_dir / "config.yaml")
+                if loaded is not None:
+                    print(f"mokd: resuming from {loaded.name} ({self.run_dir})", flush=True)
+        except BaseException:
+            self.lock.release()
+            raise
 
     @property
     def students(self) -> tuple:
@@ -139,28 +175,69 @@ class Trainer:
         with phase("data"):
             crops = [crop.to(self.device, non_blocking=True) for crop in crops]
 
-        with autocast(self.device, self.amp_dtype):
+        with autocast(self.device, self.amp_dtype), collective("forward (batch-norm statistics, parameter gathers)"):
             losses = self.objective(strategy.students, strategy.teachers, self.centres, crops, self.temperatures(step))
         with phase("centres"):  # one flat all-reduce of the six centres' statistics; in flight during backward
             centre_sync = CentreSync(losses.centre_sums, losses.centre_rows, self.config.perf.overlap_centre_reduce)
-        with phase("backward"):
+        with phase("backward"), collective("backward (gradient reduction)"):
             strategy.backward(losses.totals)
         with phase("optimizer"):
             grad_norms = []
             for i, (schedule, model) in enumerate(zip(self.schedules, (self.config.model1, self.config.model2))):
                 strategy.set_schedule(i, schedule.group_values(step), frozen[i])
-                grad_norms.append(strategy.optimizer_step(i, model.optim.clip_grad, frozen[i]))
+                grad_norms.append(strategy.prepare_gradients(i, model.optim.clip_grad, frozen[i]))
+            skip = self.judge_step(losses, grad_norms)
+            for i in (0, 1):
+                after_step, self.scaler_skipped[i] = strategy.apply_gradients(i, skip)
+                grad_norms[i] = after_step if grad_norms[i] is None else grad_norms[i]
 
         with torch.no_grad():
-            with phase("ema"):
-                strategy.update_teachers([float(schedule.teacher_momentum[step]) for schedule in self.schedules])
-            with phase("centres"):
-                self.centres.update(*centre_sync.wait(), self.config.loss.centre_momentum)
+            if not skip:
+                with phase("ema"):
+                    strategy.update_teachers([float(schedule.teacher_momentum[step]) for schedule in self.schedules])
+            with phase("centres"), collective("centre all-reduce"):
+                centre_statistics = centre_sync.wait()
+                if not skip:
+                    self.centres.update(*centre_statistics, self.config.loss.centre_momentum)
         self.step += 1
         return losses, grad_norms
 
+    def judge_step(self, losses: StepLosses, grad_norms: list[Optional[torch.Tensor]]) -> bool:
+        """One all-reduce per step of the non-finite flags of every loss term and gradient norm, with this rank's
+        stop request: True when the step must change nothing (on every rank). Gradient norms of a model with an
+        fp16 GradScaler are left to the scaler, which skips such steps itself and lowers its scale."""
+        names = list(losses.terms)
+        values = list(losses.terms.values())
+        for i, norm in enumerate(grad_norms):
+            if norm is not None and not self.strategy.scalers[i].is_enabled():
+                names.append(f"model{i + 1}/grad_norm")
+                values.append(norm)
+        flags = torch.cat([non_finite_flags(values).to(self.device),
+                           torch.tensor([float(self.stop.requested)], device=self.device)])
+        with collective("step-boundary flags all-reduce"):
+            agreed = any_rank(flags).cpu()
+        if agreed[-1] > 0 and self.stop_agreed is None:
+            self.stop_agreed = next(name for name in all_gather_objects(self.stop.signal_name) if name)
+        return self.guard.judge(self.step + 1, names, agreed[:-1]) is not None
+
     # ---- the loop -------------------------------------------------------------------------------
     def train(self) -> None:
+        """Train to the last step, or until a stop signal (then save and return: `stop_agreed` names it).
+        The run directory's lock is released at the end, however the loop ends."""
+        self.stop.install()
+        try:
+            self.loop()
+            self.checkpoints.wait()
+        except BaseException:
+            self.checkpoints.wait(raise_errors=False)  # a checkpoint in flight is finished, not cut off
+            raise
+        finally:
+            self.stop.uninstall()
+            if self.metrics is not None:
+                self.metrics.close()
+            self.lock.release()
+
+    def loop(self) -> None:
         epoch = self.step // self.steps_per_epoch
         window_start, window_images, data_wait = time.perf_counter(), 0, 0.0
         first_step = self.step + 1
@@ -180,14 +257,25 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     self.log(losses, grad_norms, window_images / elapsed, data_wait / elapsed)
                     window_start, window_images, data_wait = time.perf_counter(), 0, 0.0
-                if self.should_checkpoint():
+                if self.should_checkpoint() or (self.stop_agreed and self.config.checkpoint.enabled):
                     self.save()
-                if self.step >= self.last_step:
+                if self.stop_agreed or self.step >= self.last_step:
                     break
                 fetch_start = time.perf_counter()
+            if self.stop_agreed:
+                self.report_stop()
+                return
             epoch += 1
-        if self.metrics is not None:
-            self.metrics.close()
+
+    def report_stop(self) -> None:
+        if not self.world.is_main:
+            return
+        if self.config.checkpoint.enabled:
+            print(f"mokd: saved step_{self.step:08d} on {self.stop_agreed}; run the same command again to resume",
+                  flush=True)
+        else:
+            print(f"mokd: stopped at step {self.step} on {self.stop_agreed} (checkpoint.enabled=false: nothing "
+                  f"saved)", flush=True)
 
     def record_memory(self) -> None:
         """RUN/memory.json: the bytes of parameters, teachers and optimiser state each rank really holds
@@ -220,7 +308,8 @@ class Trainer:
         for name, value in losses.feature_monitors.items():
             model, statistic = name.split("/")
             averaged[f"collapse/{FEATURE_MONITOR_TAGS[statistic]}/{model}"] = value
-        scalars = {name: value.item() for name, value in all_reduce_mean(averaged).items()}
+        with collective("metrics all-reduce"):
+            scalars = {name: value.item() for name, value in all_reduce_mean(averaged).items()}
         for which, (schedule, norm) in enumerate(zip(self.schedules, grad_norms), start=1):
             scalars[f"schedule/model{which}/lr"] = float(schedule.lr[step])
             scalars[f"schedule/model{which}/weight_decay"] = float(schedule.weight_decay[step])
@@ -230,6 +319,9 @@ class Trainer:
             scalars[f"schedule/model{which}/teacher_temperature_self"] = float(schedule.teacher_temperature_self[step])
             scalars[f"schedule/model{which}/teacher_temperature_cross"] = float(schedule.teacher_temperature_cross[step])
             scalars[f"grad_norm/model{which}"] = float(norm)
+        scalars["guard/skipped_steps"] = float(self.guard.skipped_steps)
+        for which, skipped in enumerate(self.scaler_skipped, start=1):
+            scalars[f"guard/scaler_skipped/model{which}"] = float(skipped)  # the logged step, by the GradScaler
         scalars["perf/images_per_second"] = images_per_second
         scalars["perf/data_wait_share"] = data_wait_share
         scalars["perf/peak_memory_bytes"] = float(peak_memory_bytes(self.device))
@@ -241,16 +333,38 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save(self) -> Path:
-        """Collective: students, teachers and optimisers through the strategy, the rest here."""
-        teachers = self.strategy.teacher_state_dicts()  # every rank takes part in gathering them
+        """Collective: students, teachers and optimisers through the strategy, the rest here. Weights that are not
+        all finite are never written (NonFiniteError), so every kept checkpoint can be resumed.
+        With checkpoint.async_save the files are written in the background from CPU copies taken now."""
+        with collective("checkpoint"):
+            self.check_finite_weights()
+            return self.checkpoints.save(self.step, self.checkpoint_writer(), self.world.is_main)
 
-        def write(directory: Path) -> None:
-            self.strategy.save(directory)
+    def check_finite_weights(self) -> None:
+        modules = {}
+        for which, (student, teacher) in enumerate(zip(self.strategy.networks, self.strategy.teacher_networks), 1):
+            modules[f"model{which} student"] = self.strategy.local_tensors(student)
+            modules[f"model{which} teacher"] = self.strategy.local_tensors(teacher)
+        modules["centres"] = [self.centres.values]
+        bad = next((name for name in all_gather_objects(non_finite_module(modules)) if name), None)
+        if bad is not None:
+            raise NonFiniteError(f"step {self.step}: the {bad} holds non-finite values; checkpoint "
+                                 f"step_{self.step:08d} was not written, the newest kept one is "
+                                 f"{getattr(self.checkpoints.latest(), 'name', 'none')}")
+
+    def checkpoint_writer(self):
+        """write(directory) for CheckpointManager.save: the teachers are gathered here, on every rank."""
+        background = self.config.checkpoint.async_save
+        teachers = self.strategy.teacher_state_dicts()
+        if background and self.world.is_main:  # training goes on and changes the teachers in place
+            teachers = [{key: value.detach().clone() for key, value in state.items()} for state in teachers]
+
+        def write(directory: Path) -> Finish:
+            writing = self.strategy.save(directory, background)
             (directory / "rng").mkdir(exist_ok=True)
-            torch.save(rng_state(), directory / "rng" / f"rank_{self.world.rank}.pt")
+            save_torch(rng_state(), directory / "rng" / f"rank_{self.world.rank}.pt")
             if self.world.is_main:
-                torch.save(teachers, directory / TEACHERS_FILE)
-                torch.save({
+                save_torch({
                     "step": self.step,
                     "data_position": {"epoch": self.step // self.steps_per_epoch,
                                       "batch_in_epoch": self.step % self.steps_per_epoch},
@@ -259,19 +373,35 @@ class Trainer:
                     "strategy": self.strategy.name,
                     "config": to_yaml(self.config),
                 }, directory / META_FILE)
+            if writing is None:
+                if self.world.is_main:
+                    save_torch(teachers, directory / TEACHERS_FILE)
+                return None
 
-        return self.checkpoints.save(self.step, write, self.world.is_main)
+            def finish() -> None:
+                writing.result()
+                if self.world.is_main:
+                    save_torch(teachers, directory / TEACHERS_FILE)
+            return finish
+
+        return write
 
     def load(self, directory: Path) -> None:
         meta = CheckpointManager.load_meta(directory)
+        check_resume(meta["config"], meta["world_size"], self.config, self.world.world_size, str(directory))
         saved_with = "deepspeed" if meta["strategy"] == "deepspeed" else "dcp"
         loading_with = "deepspeed" if self.strategy.name == "deepspeed" else "dcp"
         if saved_with != loading_with:
             raise CheckpointError(f"{directory} was written by parallel.strategy={meta['strategy']} ({saved_with} "
                                   f"format) and cannot be resumed with parallel.strategy={self.strategy.name}")
-        self.strategy.load(directory)
-        self.centres.values.copy_(meta["centres"])
         rng_file = directory / "rng" / f"rank_{self.world.rank}.pt"
+        if self.world.rank < meta["world_size"] and not rng_file.exists():
+            raise CheckpointError(f"checkpoint file {rng_file} is missing: rank {self.world.rank} of the "
+                                  f"{meta['world_size']} that wrote {directory.name} saved its RNG state there, and "
+                                  f"re-seeding would make a different run")
+        with collective("checkpoint load"):
+            self.strategy.load(directory)
+        self.centres.values.copy_(meta["centres"])
         if rng_file.exists():
             restore_rng_state(torch.load(rng_file, weights_only=False))
         else:  # a rank the saving run did not have (resumed on more processes)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mokd.errors import ConfigError
 from mokd.method.backbones import create_timm_model, is_vit
 
 FORMATS = ("timm", "detectron2")
@@ -69,7 +70,7 @@ def detectron2_checkpoint(state: dict[str, torch.Tensor]) -> dict:
 def export_backbone(net: nn.Module, model_config, out: Path, fmt: str) -> Path:
     """Write the backbone `net` (a timm model) to `out` in format `fmt` (one of FORMATS)."""
     if fmt not in FORMATS:
-        raise ValueError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}")
+        raise ConfigError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}")
     state = timm_state_dict(net)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +78,7 @@ def export_backbone(net: nn.Module, model_config, out: Path, fmt: str) -> Path:
         torch.save(state, out)
         return out
     if is_vit(model_config.backbone):
-        raise ValueError(f"detectron2 export is for ResNets; {model_config.backbone} is a ViT (use --format timm)")
+        raise ConfigError(f"detectron2 export is for ResNets; {model_config.backbone} is a ViT (use --format timm)")
     with open(out, "wb") as handle:
         pickle.dump(detectron2_checkpoint(state), handle)
     return out

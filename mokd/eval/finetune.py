@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from mokd.errors import ConfigError
 from mokd.method.backbones import Backbone
 
 
@@ -27,7 +28,7 @@ def balanced_subset(targets: Sequence[int], fraction: float, seed: int) -> list[
     The draw depends only on (targets, fraction, seed): the same call gives the same subset on every machine.
     """
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+        raise ConfigError(f"label fraction must be in (0, 1], got {fraction}")
     by_class: dict[int, list[int]] = defaultdict(list)
     for index, target in enumerate(targets):
         by_class[int(target)].append(index)

@@ -7,7 +7,6 @@ model; the k-NN, the linear probe and the analyses all reuse them.
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
@@ -21,15 +20,15 @@ from mokd.config import MOKDConfig, load_config
 from mokd.data import EvalTransform, build_eval_loader, data_statistics, dataset_for, limit_size, num_classes
 from mokd.engine.checkpoint import CheckpointManager, load_teachers_file
 from mokd.engine.runtime import resolve_device
+from mokd.errors import DataError
 from mokd.eval.analysis import attention_distance, prediction_consistency, tsne_embedding
 from mokd.eval.finetune import classifier_top1, finetune, label_subset
 from mokd.eval.knn import knn_predict
 from mokd.eval.linear import EvalFeatures, extract_eval_features, probe_top1, train_linear_probe
 from mokd.eval.plots import attention_distance_figure, consistency_figure, embedding_figure, save_figure
+from mokd.eval.results_file import merge_results
 from mokd.method.network import Network
 from mokd.method.pair import build_pair
-
-RESULTS_FILE = "results.json"
 
 
 def eval_dataset(config: MOKDConfig, split: str):
@@ -99,19 +98,6 @@ def untrained_networks(config: MOKDConfig, in_chans: int, device: torch.device) 
     return tuple(teacher.to(device) for teacher in teachers)
 
 
-def update_results(run_dir: Path, updates: dict) -> dict:
-    """Merge `updates` into RUN/results.json (per-model entries key by key) and return the merged results."""
-    path = Path(run_dir) / RESULTS_FILE
-    results = json.loads(path.read_text()) if path.exists() else {}
-    for key, value in updates.items():
-        if isinstance(value, dict) and isinstance(results.get(key), dict):
-            results[key].update(value)
-        else:
-            results[key] = value
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    return results
-
-
 def evaluate_run(config: MOKDConfig, teachers: Sequence[Network], device: torch.device, steps: int,
                  features: Optional[list[ModelFeatures]] = None, linear: Optional[bool] = None) -> dict:
     """k-NN (and the linear probe when `linear`, default eval.linear_at_end) of both trained teachers, and k-NN
@@ -135,8 +121,7 @@ def evaluate_run(config: MOKDConfig, teachers: Sequence[Network], device: torch.
         if linear:
             row["linear_top1"] = linear_top1_of(config, features[which], classes)
         results[f"model{which + 1}"] = row
-    (Path(config.run_dir) / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
-    return results
+    return merge_results(Path(config.run_dir), results)
 
 
 def linear_settings(config: MOKDConfig) -> dict:
@@ -154,7 +139,7 @@ def evaluate_linear(config: MOKDConfig, teachers: Sequence[Network], device: tor
     for which, model in enumerate((config.model1, config.model2)):
         updates[f"model{which + 1}"] = {"backbone": model.backbone,
                                         "linear_top1": linear_top1_of(config, features[which], classes)}
-    return update_results(Path(config.run_dir), updates)
+    return merge_results(Path(config.run_dir), updates)
 
 
 def evaluate_finetune(config: MOKDConfig, teachers: Sequence[Network], device: torch.device, steps: int,
@@ -180,7 +165,7 @@ def evaluate_finetune(config: MOKDConfig, teachers: Sequence[Network], device: t
         tuned = finetune(teacher.backbone, train_loader, classes, device, config.eval.finetune_epochs,
                          config.eval.finetune_lr, config.train.seed)
         updates[f"model{which + 1}"] = {"backbone": model.backbone, key: classifier_top1(tuned, test_loader, device)}
-    return update_results(Path(config.run_dir), updates)
+    return merge_results(Path(config.run_dir), updates)
 
 
 def model_label(config: MOKDConfig, which: int) -> str:
@@ -220,7 +205,7 @@ def analyse_run(config: MOKDConfig, teachers: Sequence[Network], device: torch.d
     if reference is not None:
         reference_config, reference_teachers = reference
         if reference_config.data.source != config.data.source:
-            raise ValueError(f"reference run {reference_config.run_dir} was trained on "
+            raise DataError(f"reference run {reference_config.run_dir} was trained on "
                              f"{reference_config.data.source}, this run on {config.data.source}")
         reference_features, _ = extract_run_features(config, reference_teachers, device)
         reference_predictions = [knn_predictions(config, model_features, classes)
@@ -262,7 +247,7 @@ def analyse_run(config: MOKDConfig, teachers: Sequence[Network], device: torch.d
                 "attention_distance_px": {labels[which]: distances[which].mean(dim=1).tolist()
                                           for which in range(2)},
                 "figures": [str(path) for path in files]}
-    update_results(run_dir, {"analysis": analysis})
+    merge_results(run_dir, {"analysis": analysis})
     return analysis
 
 

@@ -8,8 +8,8 @@ import textwrap
 from pathlib import Path
 from typing import Optional
 
-from mokd.config import PRESET_DIR, ConfigError, describe_options, list_presets, load_config
-from mokd.engine.checkpoint import CheckpointError
+from mokd.config import PRESET_DIR, describe_options, list_presets, load_config
+from mokd.errors import MokdError, user_message
 
 DEFAULT_PRESET = "demo"
 
@@ -207,6 +207,8 @@ def train_command(preset: str, overrides: list[str], show_progress: bool) -> int
         print(f"run directory: {trainer.run_dir.resolve()} ({config.parallel.strategy}, "
               f"{trainer.world.world_size} process(es))", flush=True)
     trainer.train()
+    if trainer.stop_agreed:  # stopped by a signal and saved: the next start resumes; no evaluation now
+        return 0
     teachers = trainer.teacher_networks() if config.eval.knn_at_end else None
     if teachers is not None:
         # One feature pass per model serves the k-NN, the linear probe and the analyses.
@@ -297,9 +299,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             return bench_command(args)
         print(preset_summary())
         return 0
-    except (ConfigError, FileNotFoundError, CheckpointError, ValueError) as error:
-        print(f"mokd: error: {error}", file=sys.stderr)
+    except (MokdError, OSError) as error:  # the user's to fix; anything else is a bug and keeps its traceback
+        print(f"mokd: error: {user_message(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("mokd: interrupted twice: stopped at once, nothing saved since the last checkpoint", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

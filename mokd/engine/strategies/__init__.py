@@ -8,13 +8,14 @@ import torch
 
 from mokd.engine.distributed import World
 from mokd.engine.strategies.base import Strategy
+from mokd.errors import ConfigError
 
 
 def build_strategy(config, world: World, amp_dtype: Optional[torch.dtype]) -> Strategy:
     name = config.parallel.strategy
     if name == "single":
         if world.distributed:
-            raise ValueError(f"parallel.strategy=single but {world.world_size} processes were launched: choose "
+            raise ConfigError(f"parallel.strategy=single but {world.world_size} processes were launched: choose "
                              f"ddp, fsdp or deepspeed, or launch one process")
         return Strategy(config, world, amp_dtype)
     if name == "ddp":

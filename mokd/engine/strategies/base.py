@@ -7,26 +7,34 @@ how both are written to and read from a checkpoint directory. The trainer sees o
     setup(students, teachers, make_optimizer)      wrap; afterwards .students / .teachers are the callables
     set_schedule(i, values, freeze_last_layer)     lr and wd per parameter-group schedule, before the step
     backward(totals)                               one backward of L_1 + L_2
-    optimizer_step(i, clip, freeze_last_layer)     -> gradient norm of student i
+    prepare_gradients(i, clip, freeze_last_layer)  -> gradient norm of student i (unscaled, clipped)
+    apply_gradients(i, skip)                       optimiser step, or none (a non-finite step); gradients cleared
     update_teachers(momenta)                       shard-local EMA, no collective
-    save(directory) / load(directory)              models and optimisers (the trainer adds the rest)
+    save(directory, background) / load(directory)  models and optimisers (the trainer adds the rest)
     teacher_state_dicts()                          full teacher weights on rank 0 (evaluation, export)
     memory_report()                                bytes per rank of parameters, gradients, optimiser state
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from mokd.engine.checkpoint import failure_message
 from mokd.engine.distributed import World
+from mokd.errors import CheckpointError
 from mokd.engine.optim import GroupValues, clip_gradients_, drop_last_layer_gradients_, set_schedule
 from mokd.kernels import EmaPlan, ema_per_tensor_
 
@@ -76,16 +84,26 @@ class Strategy:
         # L_1 depends only on student 1 and L_2 only on student 2: one backward trains both.
         sum(scaler.scale(total) for scaler, total in zip(self.scalers, totals)).backward()
 
-    def optimizer_step(self, index: int, clip_grad: float, freeze_last_layer: bool) -> torch.Tensor:
+    def prepare_gradients(self, index: int, clip_grad: float, freeze_last_layer: bool) -> Optional[torch.Tensor]:
+        """Unscale, clip and (while frozen) drop the last layers' gradients of student `index`; returns its
+        gradient norm before clipping (None where only the optimiser step knows it)."""
         network, optimizer, scaler = self.networks[index], self.optimizers[index], self.scalers[index]
         scaler.unscale_(optimizer)
         norm = self.clip_gradients(network, clip_grad)
         if freeze_last_layer:
             drop_last_layer_gradients_(network.last_layers())
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def apply_gradients(self, index: int, skip: bool) -> tuple[Optional[torch.Tensor], bool]:
+        """The optimiser step of student `index` (none when `skip`), gradients cleared. Returns (the gradient norm
+        if only the step knew it, whether the fp16 GradScaler skipped the step for inf/NaN gradients)."""
+        optimizer, scaler = self.optimizers[index], self.scalers[index]
+        scale = scaler.get_scale() if scaler.is_enabled() else 0.0
+        if not skip:
+            scaler.step(optimizer)
+        scaler.update()  # also after a skip: it resets the unscale_ bookkeeping (and lowers the scale on inf)
+        optimizer.zero_grad(set_to_none=True)
+        return None, not skip and scaler.is_enabled() and scaler.get_scale() < scale
 
     def clip_gradients(self, network: nn.Module, max_norm: float) -> torch.Tensor:
         return clip_gradients_(network, max_norm)
@@ -111,11 +129,31 @@ class Strategy:
             }
         return state
 
-    def save(self, directory: Path) -> None:
-        dcp.save(self._dcp_state(), checkpoint_id=str(directory / "dcp"))
+    def save(self, directory: Path, background: bool = False) -> Optional[Future]:
+        """Write models and optimisers under directory/dcp. `background`: stage a CPU copy now and return the
+        future of the writing (DCP async_save; its collectives run on a process group of their own)."""
+        path = str(directory / "dcp")
+        with _single_process_quiet():
+            if not background:
+                dcp.save(self._dcp_state(), checkpoint_id=path)
+                return None
+            return dcp.async_save(self._dcp_state(), checkpoint_id=path, process_group=self._checkpoint_group())
+
+    def _checkpoint_group(self) -> Optional[dist.ProcessGroup]:
+        if not dist.is_initialized():
+            return None
+        if getattr(self, "checkpoint_group", None) is None:  # created once, by every rank alike
+            self.checkpoint_group = dist.new_group(backend="gloo")
+        return self.checkpoint_group
 
     def load(self, directory: Path) -> None:
-        path = str(directory / "dcp")
+        try:
+            with _single_process_quiet():
+                self._load_dcp(str(directory / "dcp"))
+        except (Exception, CheckpointException) as error:  # noqa: BLE001 - DCP's readers raise anything
+            raise CheckpointError(f"cannot read checkpoint {directory / 'dcp'}: {failure_message(error)}") from error
+
+    def _load_dcp(self, path: str) -> None:
         state = self._dcp_state()
         # The template has optimiser state for every parameter (torch initialises it to build the template);
         # the checkpoint has none for parameters that never stepped (the last layers while frozen). Load only
@@ -152,6 +190,14 @@ class Strategy:
             "teacher_parameter_bytes": tensor_bytes(t for n in self.teacher_networks for t in self.local_tensors(n)),
             "optimizer_state_bytes": tensor_bytes(_local(value) for value in optimizer_state),
         }
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """Without a process group DCP warns on every call that it assumes a single process: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
+        yield
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from mokd.engine.batchnorm import convert_to_global_batchnorm
-from mokd.engine.checkpoint import load_teachers_file
+from mokd.engine.checkpoint import failure_message, load_teachers_file
 from mokd.engine.optim import GroupValues, set_schedule
 from mokd.engine.strategies.base import Strategy, tensor_bytes
+from mokd.errors import CheckpointError
 
 
 class DeepSpeedStrategy(Strategy):
@@ -90,22 +91,32 @@ class DeepSpeedStrategy(Strategy):
         for engine, total in zip(self.engines, totals):  # disjoint graphs: each engine reduces its own gradients
             engine.backward(total)
 
-    def optimizer_step(self, index: int, clip_grad: float, freeze_last_layer: bool) -> torch.Tensor:
+    def prepare_gradients(self, index: int, clip_grad: float, freeze_last_layer: bool) -> Optional[torch.Tensor]:
+        return None  # the engine clips inside its step and knows the norm only then
+
+    def apply_gradients(self, index: int, skip: bool) -> tuple[Optional[torch.Tensor], bool]:
         engine = self.engines[index]
+        if skip:
+            engine.zero_grad()
+            return torch.zeros(()), False
         engine.step()  # global-norm clipping, optimiser step, gradients zeroed
         norm = engine.get_global_grad_norm()
-        return torch.as_tensor(0.0 if norm is None else float(norm))
+        return torch.as_tensor(0.0 if norm is None else float(norm)), False
 
     # ---- checkpoints: DeepSpeed's format for students and optimisers, teachers consolidated ------
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, background: bool = False) -> None:
         for i, engine in enumerate(self.engines):
             engine.save_checkpoint(str(directory / "deepspeed"), tag=f"model{i + 1}", save_latest=False)
 
     def load(self, directory: Path) -> None:
         for i, engine in enumerate(self.engines):
-            path, _ = engine.load_checkpoint(str(directory / "deepspeed"), tag=f"model{i + 1}")
+            try:
+                path, _ = engine.load_checkpoint(str(directory / "deepspeed"), tag=f"model{i + 1}")
+            except Exception as error:  # noqa: BLE001 - DeepSpeed's readers raise anything
+                raise CheckpointError(f"cannot read DeepSpeed checkpoint {directory / 'deepspeed'} of model{i + 1}: "
+                                      f"{failure_message(error)}") from error
             if path is None:
-                raise FileNotFoundError(f"no DeepSpeed checkpoint for model{i + 1} under {directory / 'deepspeed'}")
+                raise CheckpointError(f"no DeepSpeed checkpoint for model{i + 1} under {directory / 'deepspeed'}")
         # Teachers from their consolidated weights, written with every checkpoint.
         for teacher, state in zip(self.teacher_networks, load_teachers_file(directory)):
             with self._whole(teacher, modifier_rank=0):
