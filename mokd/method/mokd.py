@@ -108,7 +108,8 @@ class MOKDObjective:
         if centre is not None and self.config.centring == "sinkhorn_knopp":
             # The kernel takes logits: log p at temperature 1 gives back p exactly under its softmax.
             targets = sinkhorn_knopp(teacher, teacher_temperature, self.config.sinkhorn_iterations, self.reduce_sum)
-            teacher, centre, teacher_temperature = targets.clamp(min=1e-30).log(), None, 1.0
+            # (in the logits' own dtype, as every kernel expects: the same precision the centred path reads)
+            teacher, centre, teacher_temperature = targets.clamp(min=1e-30).log().to(teacher.dtype), None, 1.0
         return dino_cross_entropy(student, teacher, centre, temperatures.student, teacher_temperature,
                                   batch_size, pairing=pairing, impl=self.config.kernel)
 
