@@ -42,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mokd.config import load_config
 from mokd.engine.runtime import peak_extra_bytes, resolve_device
 from mokd.engine.trainer import Trainer
+from mokd.errors import ConfigError
 from mokd.method.mokd import untimed
 
 PHASES = ("data", "teacher_forward", "student_forward", "search", "losses", "backward", "optimizer", "ema",
@@ -101,11 +102,11 @@ def mode_settings(mode: str, device: torch.device, compile: bool) -> dict[str, A
         for switch in off:
             settings.update({key: BASELINE[key] for key in SWITCHES[switch]})
     else:
-        raise ValueError(f"mode {mode!r} must start with baseline or fast")
+        raise ConfigError(f"mode {mode!r} must start with baseline or fast")
     for change in changes:
         switch = change[1:]
         if switch not in SWITCHES:
-            raise ValueError(f"mode {mode!r}: unknown switch {switch!r}; switches: {', '.join(SWITCHES)}")
+            raise ConfigError(f"mode {mode!r}: unknown switch {switch!r}; switches: {', '.join(SWITCHES)}")
         source = optimised if change[0] == "+" else BASELINE
         settings.update({key: source[key] for key in SWITCHES[switch]})
     return settings
@@ -365,7 +366,7 @@ def run_profiler(presets: list[str], batches: list[int], modes: list[str], *, de
     time_budget_s > 0 skips the (preset, batch) groups not started within the budget (noted in the output).
     """
     if inputs not in ("device", "loader"):
-        raise ValueError(f"inputs must be 'device' (synthetic crops on the device) or 'loader', got {inputs!r}")
+        raise ConfigError(f"inputs must be 'device' (synthetic crops on the device) or 'loader', got {inputs!r}")
     torch_device = resolve_device(device)
     interleave = torch_device.type == "cpu" if interleave is None else interleave
     peak_flops, peak_source = matmul_flops_per_second(torch_device)
