@@ -53,7 +53,8 @@ def test_grid_holds_each_table_and_every_run_config_is_valid() -> None:
             assert str(reduce(getattr, key.split("."), config)).lower() == value.lower(), (run.name, key)
         # One budget for all, except the long runs' 5x schedule (with every epoch's checkpoint kept).
         long = run.variant.endswith("long")
-        assert (config.train.epochs, config.data.train_samples) == (paper_tables.LONG_EPOCHS if long else 3, 8000)
+        epochs = paper_tables.LONG_EPOCHS if long else paper_tables.EPOCHS
+        assert (config.train.epochs, config.data.train_samples) == (epochs, 8000)
         assert config.checkpoint.keep_last >= config.train.epochs
         terms = (config.loss.self_mlp, config.loss.cross_mlp, config.loss.self_thead, config.loss.cross_search)
         expected = {"dino": (True, False, False, False), "sm+cm": (True, True, False, False),
