@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from mokd.kernels import EmaPlan, dino_cross_entropy, native
-from test_kernels_dino_ce import CASES, TAU_S, TAU_T, case_seed, check_against_literal, literal_dino64, make_inputs
+from test_kernels_dino_ce import (CASES, TAU_S, TAU_T, case_seed, check_against_literal, gradcheck_both_pairings,
+                                  literal_dino64, make_inputs)
 from test_kernels_ema import make_pairs
 
 if not native.available():
@@ -55,14 +56,7 @@ def test_matches_float64_literal(case, dtype, capability):
 
 
 def test_gradcheck_float64(capability):
-    gen = torch.Generator().manual_seed(7)
-    student = torch.randn(3 * 2, 7, generator=gen, dtype=torch.float64, requires_grad=True)
-    teacher = torch.randn(2 * 2, 7, generator=gen, dtype=torch.float64)
-    centre = torch.randn(7, generator=gen, dtype=torch.float64)
-    for pairing, t in (("dino", teacher), ("one_to_one", torch.randn(6, 7, generator=gen, dtype=torch.float64))):
-        assert torch.autograd.gradcheck(
-            lambda s: dino_cross_entropy(s, t, centre, 0.3, 0.5, 2, pairing=pairing, impl="native").loss, (student,)
-        )
+    gradcheck_both_pairings("native")
 
 
 def test_teacher_and_side_outputs_get_no_gradient():
