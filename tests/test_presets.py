@@ -31,6 +31,8 @@ def test_imagenet_preset_takes_one_full_size_step(tmp_path, preset):
     assert trainer.step == 1
     for student in trainer.students:
         assert student.mlp_head.last_layer.weight_v.shape == (65536, 256)
-        assert student.thead.last_layer.weight_v.shape == (65536, 384)
+        # The T-Head is as wide as the pair's ViT (official: 768 for ViT-B), 384 for two CNNs.
+        width = 768 if preset.endswith("vit_b") else 384
+        assert student.thead.last_layer.weight_v.shape == (65536, width)
     last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert all(math.isfinite(last[f"loss/model{w}/{t}"]) for w in (1, 2) for t in ("sm", "st", "cm", "ct"))
