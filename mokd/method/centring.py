@@ -32,9 +32,12 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, iterations:
     rows = reduce_sum(torch.tensor([float(q.shape[1])], device=q.device))
     prototypes = q.shape[0]
     q /= reduce_sum(q.sum().reshape(1))
+    # Sharp, unbounded logits (the T-Head's last layer has no L2-normalised input) can underflow a whole prototype
+    # or row to 0: the floor keeps such a sum from turning 0 / 0 into NaN (those entries stay 0).
+    tiny = torch.finfo(q.dtype).tiny
     for _ in range(iterations):
-        q /= reduce_sum(q.sum(dim=1, keepdim=True))  # every prototype's total mass ...
+        q /= reduce_sum(q.sum(dim=1, keepdim=True)).clamp(min=tiny)  # every prototype's total mass ...
         q /= prototypes  # ... is 1 / K
-        q /= q.sum(dim=0, keepdim=True)  # every row's mass (a row lives on one rank) ...
+        q /= q.sum(dim=0, keepdim=True).clamp(min=tiny)  # every row's mass (a row lives on one rank) ...
         q /= rows  # ... is 1 / R
     return (q * rows).t()  # rows sum to 1
