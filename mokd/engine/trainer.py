@@ -35,6 +35,7 @@ from mokd.engine.runtime import (autocast, autocast_dtype, peak_memory_bytes, re
 from mokd.engine.strategies import build_strategy
 from mokd.errors import DataError, MokdError, NonFiniteError, user_message
 from mokd.method.mokd import Centres, MOKDObjective, StepLosses, Temperatures, untimed
+from mokd.method.monitors import feature_statistics
 from mokd.method.network import Network
 from mokd.method.pair import build_network, build_pair, thead_follows_other
 from mokd.method.schedules import ModelSchedules
@@ -305,9 +306,9 @@ class Trainer:
             averaged[f"loss/model{which}/total"] = total
         averaged.update({f"collapse/teacher_entropy/{name}": v for name, v in losses.teacher_entropy.items()})
         averaged.update({f"collapse/kl_teacher_student/{name}": v for name, v in losses.kl_teacher_student.items()})
-        for name, value in losses.feature_monitors.items():
-            model, statistic = name.split("/")
-            averaged[f"collapse/{FEATURE_MONITOR_TAGS[statistic]}/{model}"] = value
+        for which, pooled in enumerate(losses.teacher_pooled, start=1):  # computed only for the logged steps
+            for statistic, value in feature_statistics(pooled).items():
+                averaged[f"collapse/{FEATURE_MONITOR_TAGS[statistic]}/model{which}"] = value
         with collective("metrics all-reduce"):
             scalars = {name: value.item() for name, value in all_reduce_mean(averaged).items()}
         for which, (schedule, norm) in enumerate(zip(self.schedules, grad_norms), start=1):

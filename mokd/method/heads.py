@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -29,7 +30,8 @@ class WeightNormLinear(nn.Module):
         super().__init__()
         # v keeps nn.Linear's default initialisation (as the official heads do: weight_norm wraps a fresh Linear),
         # rows of norm ~0.58 rather than trunc-normal(0.02)'s ~0.16; only its direction enters the output.
-        self.weight_v = nn.Parameter(nn.Linear(in_features, out_features, bias=False).weight.detach().clone())
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))  # what nn.Linear.reset_parameters does
         self.weight_g = nn.Parameter(torch.ones(out_features, 1), requires_grad=trainable_norm)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:

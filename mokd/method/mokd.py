@@ -27,7 +27,6 @@ from torch import nn
 from mokd.kernels import DinoCrossEntropyOutput, dino_cross_entropy, ema_
 from mokd.method.centring import ReduceSum, no_reduction, sinkhorn_knopp
 from mokd.method.koleo import koleo_loss
-from mokd.method.monitors import feature_statistics
 from mokd.method.network import NetworkOutput, search_request, searched_rows
 
 TERMS = ("sm", "st", "cm", "ct")
@@ -80,7 +79,7 @@ class StepLosses(NamedTuple):
     kl_teacher_student: dict[str, torch.Tensor]  # collapse monitor per term
     centre_sums: torch.Tensor  # [6, K] column sums of the raw teacher logits, for the centre update
     centre_rows: torch.Tensor  # [6] teacher rows behind each sum (0: term did not run or was not centred)
-    feature_monitors: dict[str, torch.Tensor]  # "model1/mean_cosine", "model1/effective_rank" ... of the teachers
+    teacher_pooled: list[torch.Tensor]  # each teacher's pooled global-crop features (no grad): collapse monitors
 
 
 class MOKDObjective:
@@ -135,7 +134,7 @@ class MOKDObjective:
     def _losses(self, centres: Centres, teacher_outs: list[NetworkOutput], student_outs: list[NetworkOutput],
                 search_logits: list[Optional[torch.Tensor]], rows: slice,
                 temperatures: tuple[Temperatures, Temperatures], batch_size: int) -> StepLosses:
-        totals, terms, entropy, kl, monitors = [], {}, {}, {}, {}
+        totals, terms, entropy, kl = [], {}, {}, {}
         centre_sums = torch.zeros_like(centres.values)
         centre_rows = torch.zeros(centres.values.shape[0], device=centres.values.device)
         for i in (0, 1):
@@ -161,8 +160,6 @@ class MOKDObjective:
                 koleo = sum(koleo_loss(crop) for crop in mine.pooled[:2 * batch_size].split(batch_size)) / 2
                 total = total + self.koleo_weights[i] * koleo
                 terms[f"model{i + 1}/koleo"] = koleo.detach()
-            for name, value in feature_statistics(own_teacher.pooled).items():
-                monitors[f"model{i + 1}/{name}"] = value
             for term, result in results.items():
                 weight = self.cross_weights[i] if term in ("cm", "ct") else 1.0
                 total = total + weight * result.loss
@@ -176,4 +173,4 @@ class MOKDObjective:
                     centre_sums[row] = result.teacher_column_sum
                     centre_rows[row] = 2 * batch_size
             totals.append(total)
-        return StepLosses(totals, terms, entropy, kl, centre_sums, centre_rows, monitors)
+        return StepLosses(totals, terms, entropy, kl, centre_sums, centre_rows, [out.pooled for out in teacher_outs])
