@@ -77,6 +77,8 @@ LOSSES = {
     "dino": ["loss.self_thead=false", "loss.cross_mlp=false", "loss.cross_search=false"],
     "sm+cm": ["loss.self_thead=false", "loss.cross_search=false"],
     "sm+cm+st": ["loss.cross_search=false"],
+    "sm+ct": ["loss.self_thead=false", "loss.cross_mlp=false"],
+    "sm+st": ["loss.cross_mlp=false", "loss.cross_search=false"],
     "mokd": [],
 }
 
