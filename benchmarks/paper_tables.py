@@ -160,7 +160,8 @@ def run_one(spec: RunSpec) -> dict:
 
 def collapse_monitors(run_dir: Path) -> dict:
     """At the last logged step: each term's teacher entropy, against ln K (a uniform teacher: collapse), and each
-    teacher's pooled-feature mean pairwise cosine and effective rank (dimensional collapse)."""
+    teacher's pooled-feature mean pairwise cosine and effective rank (dimensional collapse), next to their values
+    for the untrained teacher at step 0."""
     import math
 
     from mokd.config import load_config
@@ -172,7 +173,9 @@ def collapse_monitors(run_dir: Path) -> dict:
 
     return {"step": last["step"], "uniform_entropy": math.log(load_config(str(run_dir / "config.yaml")).head.out_dim),
             "teacher_entropy": monitor("collapse/teacher_entropy/"),
-            "feature_cosine": monitor("collapse/feature_cosine/"), "feature_rank": monitor("collapse/feature_rank/")}
+            "feature_cosine": monitor("collapse/feature_cosine/"), "feature_rank": monitor("collapse/feature_rank/"),
+            "feature_cosine_step0": monitor("collapse/feature_cosine_step0/"),
+            "feature_rank_step0": monitor("collapse/feature_rank_step0/")}
 
 
 def evaluate(run_dir: Path, device) -> dict:

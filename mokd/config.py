@@ -187,7 +187,8 @@ class TrainConfig:
     batch_size: int = option(64, "images per device per step", AT_LEAST_ONE)
     max_steps: int = option(0, "stop after this many steps in total (0: all epochs)", NON_NEGATIVE)
     seed: int = option(0, "seed of model initialisation, data order and augmentation", NON_NEGATIVE)
-    precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (GradScaler per model)")
+    precision: str = option("auto", "auto (bf16 autocast on CUDA and on CPUs with AMX-BF16 or AVX512-BF16, "
+                            "else fp32; the run prints its choice) | fp32 | bf16 | fp16 (GradScaler per model)")
     device: str = option("auto", "auto | cpu | cuda")
     deterministic: bool = option(False, "deterministic algorithms (exact resume on CPU)")
     log_every: int = option(10, "steps between metric records", AT_LEAST_ONE)
@@ -195,9 +196,11 @@ class TrainConfig:
                                     "rank) after which training stops with an error", AT_LEAST_ONE)
     threads: int = option(0, "intra-op CPU threads per process (0: torch's default, one per core); set 1 when "
                           "other busy processes share the cores: descheduled threads spin", NON_NEGATIVE)
-    warn_feature_cosine: float = option(0.95, "warn when a teacher's pooled features reach this mean pairwise cosine "
-                                        "(features collapsing onto one direction)")
-    warn_feature_rank: float = option(1.5, "warn when a teacher's pooled features fall to this effective rank")
+    warn_feature_cosine_gap: float = option(0.25, "warn when 1 - the mean pairwise cosine of a teacher's pooled "
+                                            "features falls to this fraction of its value at step 0 (the untrained "
+                                            "network): features collapsing onto one direction; 0: never", NON_NEGATIVE)
+    warn_feature_rank_fraction: float = option(0.5, "warn when the effective rank of a teacher's pooled features "
+                                               "falls to this fraction of its value at step 0; 0: never", NON_NEGATIVE)
     warn_entropy_fraction: float = option(0.98, "warn when a teacher's entropy reaches this fraction of ln K "
                                           "(uniform collapse)")
 
@@ -212,7 +215,8 @@ class PerfConfig:
     fused_ema: bool = option(True, "teacher EMA through the fused ema_ kernel (false: DINO's per-tensor loop)")
     optimizer: str = option("foreach", "optimiser implementation for sgd/adamw: loop (one tensor at a time) | "
                             "foreach (multi-tensor) | fused (one kernel; CUDA, CPU); LARS always loops")
-    channels_last: bool = option(False, "ResNet weights and inputs in channels_last (NHWC) memory format")
+    channels_last: bool = option(True, "ResNet weights and inputs in channels_last (NHWC) memory format (on CPU "
+                                 "1.3x the images/s of NCHW in fp32 and 1.4x in bf16, demo pair)")
     fused_attention: bool = option(True, "ViT backbones attend through scaled_dot_product_attention "
                                    "(FlashAttention-2 on CUDA); false: explicit softmax(QK^T)V. The T-Head's "
                                    "attention is head.attention")

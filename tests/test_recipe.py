@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 import socket
 
 import numpy as np
@@ -17,6 +18,7 @@ from torch import nn
 from helpers import TINY_RESNET, TINY_VIT, tiny_config
 from mokd.config import load_config
 from mokd.data.transforms import MultiCropTransform
+from mokd.engine.collapse_watch import CollapseWatch
 from mokd.engine.trainer import Trainer
 from mokd.method.centring import sinkhorn_knopp
 from mokd.method.koleo import koleo_loss
@@ -244,7 +246,8 @@ def test_objective_with_sinkhorn_targets_and_koleo_matches_the_equations(tmp_pat
 
 
 def test_monitors_are_logged_and_a_collapse_warns_once(tmp_path, capsys):
-    config = tiny_config(tmp_path, extra=["train.max_steps=4", "train.warn_feature_cosine=-1",
+    # a gap fraction of 100 puts every cosine in the bad zone (1 - v <= 100 (1 - v0) for any v0 < 1)
+    config = tiny_config(tmp_path, extra=["train.max_steps=4", "train.warn_feature_cosine_gap=100",
                                           "train.warn_entropy_fraction=0", "train.threads=1"])
     previous_threads = torch.get_num_threads()
     try:
@@ -262,3 +265,57 @@ def test_monitors_are_logged_and_a_collapse_warns_once(tmp_path, capsys):
     cosine_warnings = [line for line in lines if "feature_cosine" in line]
     assert len(cosine_warnings) == 2  # one per model, not one per logged step
     assert any("teacher_entropy/model1/sm" in line for line in lines)
+    # The step-0 reference is the first step's value (untrained teachers), logged beside every record
+    for which in (1, 2):
+        for monitor in ("feature_cosine", "feature_rank"):
+            step0 = {r[f"collapse/{monitor}_step0/model{which}"] for r in records}
+            assert step0 == {records[0][f"collapse/{monitor}/model{which}"]}
+
+
+def test_feature_collapse_warnings_are_relative_to_the_untrained_network():
+    """An untrained ResNet's pooled features are already aligned (post-ReLU): a cosine of 0.95 against 0.86 at
+    step 0 is healthy, 0.97 has closed more than 3/4 of the gap to 1; a rank of 2 against 3.8 is above half."""
+    watch = CollapseWatch(64, cosine_gap_fraction=0.25, rank_fraction=0.5, max_entropy_fraction=0.98)
+    cosine, rank = "collapse/feature_cosine/model1", "collapse/feature_rank/model1"
+    assert watch.check(1, {cosine: 0.99, rank: 1.0}) == []  # no reference yet: nothing to judge against
+    watch.set_baseline({cosine: 0.86, rank: 3.8})
+    assert watch.check(2, {cosine: 0.95, rank: 2.0}) == []
+    lines = watch.check(3, {cosine: 0.97, rank: 1.8})
+    assert len(lines) == 2 and "step 3: collapse/feature_cosine/model1 = 0.97" in lines[0] and "0.86" in lines[0]
+    assert "collapse/feature_rank/model1 = 1.8" in lines[1] and "3.8" in lines[1]
+    assert watch.check(4, {cosine: 0.98, rank: 1.5}) == []  # still collapsed: said once
+    assert watch.check(5, {cosine: 0.90, rank: 3.0}) == []  # recovered
+    assert len(watch.check(6, {cosine: 0.99, rank: 3.0})) == 1  # and warned again on the next crossing
+    entropy = watch.check(7, {"collapse/teacher_entropy/model2/cm": 0.99 * math.log(64)})
+    assert len(entropy) == 1 and "uniform" in entropy[0]
+
+
+def test_the_step0_reference_survives_a_resume(tmp_path):
+    config = tiny_config(tmp_path, extra=["train.max_steps=2", "checkpoint.every_steps=2"])
+    trainer = Trainer(config, show_progress=False)
+    trainer.train()
+    step0 = trainer.collapse_step0
+    assert set(step0) == {f"collapse/{m}/model{w}" for m in ("feature_cosine", "feature_rank") for w in (1, 2)}
+    resumed = Trainer(tiny_config(tmp_path, extra=["train.max_steps=4", "checkpoint.every_steps=2"]),
+                      show_progress=False)
+    assert resumed.step == 2 and resumed.collapse_step0 == step0 and resumed.collapse_watch.baseline == step0
+
+
+def test_auto_precision_follows_the_cpus_bf16_unit_and_the_run_prints_it(tmp_path, capsys):
+    """auto is bf16 exactly where /proc/cpuinfo lists amx_bf16 or avx512_bf16 (or on CUDA), else fp32; the
+    choice is printed when a run starts."""
+    from mokd.engine.runtime import autocast_dtype, cpu_bf16_matrix_unit, describe_precision
+
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
+    expected_unit = "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
+    assert cpu_bf16_matrix_unit() == expected_unit
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) == (torch.bfloat16 if expected_unit else None)
+    assert autocast_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert autocast_dtype("fp32", cpu) is None and autocast_dtype("bf16", cpu) == torch.bfloat16
+    line = describe_precision("auto", cpu)
+    assert (f"bf16 autocast (train.precision=auto: this CPU has {expected_unit}" in line if expected_unit
+            else "fp32 (train.precision=auto: this CPU has no bf16 matrix unit" in line)
+    Trainer(tiny_config(tmp_path / "run", extra=["train.max_steps=1"]))
+    assert "mokd: precision fp32 (train.precision=fp32)" in capsys.readouterr().out

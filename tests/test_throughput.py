@@ -66,8 +66,16 @@ def test_modes_and_their_errors():
     assert mode_settings("fast", torch.device("cuda"), True)["perf.compile"] is True
     with pytest.raises(ValueError, match="unknown switch 'emma'"):
         mode_settings("fast-emma", CPU, True)
-    with pytest.raises(ValueError, match="must start with baseline or fast"):
+    with pytest.raises(ValueError, match="must start with baseline, fast or defaults"):
         mode_settings("quick", CPU, True)
+    # defaults changes nothing but its own @key=value settings, which may also follow switches
+    assert mode_settings("defaults", CPU, True) == {}
+    assert mode_settings("defaults@train.precision=fp32@perf.channels_last=false", CPU, True) == {
+        "train.precision": "fp32", "perf.channels_last": "false"}
+    assert mode_settings("fast-ema@loss.kernel=torch", CPU, True)["loss.kernel"] == "torch"
+    assert mode_settings("fast-ema@loss.kernel=torch", CPU, True)["perf.fused_ema"] is False
+    with pytest.raises(ValueError, match="is not key=value"):
+        mode_settings("defaults@train.precision", CPU, True)
 
 
 def test_per_tensor_ema_loop_equals_ema_():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 import resource
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -21,11 +22,38 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_bf16_matrix_unit() -> Optional[str]:
+    """The CPU's bf16 matrix/dot-product instructions that oneDNN uses for bf16 convolutions and matmuls
+    (AMX-BF16 on Intel Sapphire Rapids and later, AVX512-BF16 on Cooper Lake and AMD Zen 4/5), or None.
+    Read from /proc/cpuinfo's flags (Linux); elsewhere None, so `auto` stays fp32."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return next((name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"))
+                 if flag in flags), None)
+
+
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """bf16 autocast on CUDA by default, fp32 on CPU; fp16 on request (with a GradScaler per model)."""
+    """auto: bf16 autocast on CUDA and on CPUs with bf16 matrix instructions (measured on the demo pair, batch 64,
+    one thread: 1.6x the images/s of fp32 on an AVX512-BF16 CPU, 1.4x with AMX-BF16; README "The recipe"), fp32 on
+    other CPUs. fp16 on request (with a GradScaler per model)."""
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        fast_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_bf16_matrix_unit() is not None)
+        return torch.bfloat16 if fast_bf16 else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def describe_precision(precision: str, device: torch.device) -> str:
+    """The start-of-run line saying what the step computes in, and why."""
+    dtype = autocast_dtype(precision, device)
+    chosen = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScalers"}[dtype]
+    if precision != "auto":
+        return f"mokd: precision {chosen} (train.precision={precision})"
+    why = ("CUDA" if device.type == "cuda" else
+           f"this CPU has {cpu_bf16_matrix_unit()}" if dtype is not None else "this CPU has no bf16 matrix unit")
+    return f"mokd: precision {chosen} (train.precision=auto: {why}; train.precision=fp32 to override)"
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:

@@ -7,7 +7,11 @@ and head.attention:
   * baseline: the official code's way: fp16 autocast with one GradScaler per model, the literal DINO loss loop,
     DINO's per-tensor EMA loop, torch's per-tensor optimiser loop, explicit attention, NCHW, one backbone pass
     per crop, no compilation, centre all-reduce after the EMA;
-  * fast: everything switched on, with per-device choices (see `mode_settings`, OFF_ON_CPU).
+  * fast: everything switched on, with per-device choices (see `mode_settings`, OFF_ON_CPU);
+  * defaults: nothing changed: the step exactly as `mokd train` runs the preset and overrides.
+
+Any mode may end in `@key=value` settings of its own (`defaults@train.precision=fp32` against `defaults`: what
+`mokd train` gains from its automatic precision on this machine, measured in one run).
 
 A *switch* is a named group of keys. `baseline+SWITCH` is the baseline with that one group optimised (the gain
 of one optimisation alone); `fast-SWITCH` is fast with that group back at its baseline value (what fast loses
@@ -88,27 +92,36 @@ def optimised_settings(device: torch.device) -> dict[str, Any]:
 
 
 def mode_settings(mode: str, device: torch.device, compile: bool) -> dict[str, Any]:
-    """A mode is `baseline` or `fast`, then any number of `+SWITCH` (that switch at its optimised value) or
-    `-SWITCH` (at its baseline value): `baseline+ema` is the gain of the fused EMA alone, `fast-ema` the loss
-    of dropping it from fast. fast is every switch optimised except OFF_ON_CPU on CPU and, with compile=False,
-    the compilation."""
-    base, *changes = mode.replace("-", " -").replace("+", " +").split()
+    """A mode is `baseline`, `fast` or `defaults`, then any number of `+SWITCH` (that switch at its optimised
+    value) or `-SWITCH` (at its baseline value): `baseline+ema` is the gain of the fused EMA alone, `fast-ema` the
+    loss of dropping it from fast. fast is every switch optimised except OFF_ON_CPU on CPU and, with
+    compile=False, the compilation; defaults changes no key. Then any number of `@key=value` (strings, as on the
+    command line)."""
+    switches, *assignments = mode.split("@")
+    base, *changes = switches.replace("-", " -").replace("+", " +").split()
     optimised = optimised_settings(device)
     if base == "baseline":
         settings = dict(BASELINE)
+    elif base == "defaults":
+        settings = {}
     elif base == "fast":
         settings = dict(optimised)
         off = [*(OFF_ON_CPU if device.type == "cpu" else ()), *(() if compile else ("compile",))]
         for switch in off:
             settings.update({key: BASELINE[key] for key in SWITCHES[switch]})
     else:
-        raise ConfigError(f"mode {mode!r} must start with baseline or fast")
+        raise ConfigError(f"mode {mode!r} must start with baseline, fast or defaults")
     for change in changes:
         switch = change[1:]
         if switch not in SWITCHES:
             raise ConfigError(f"mode {mode!r}: unknown switch {switch!r}; switches: {', '.join(SWITCHES)}")
         source = optimised if change[0] == "+" else BASELINE
         settings.update({key: source[key] for key in SWITCHES[switch]})
+    for assignment in assignments:
+        key, equals, value = assignment.partition("=")
+        if not equals or not key:
+            raise ConfigError(f"mode {mode!r}: {assignment!r} is not key=value")
+        settings[key] = value
     return settings
 
 
@@ -229,7 +242,7 @@ def timed_step(run: Run, timer: Optional[PhaseTimer]) -> float:
 def count_flops(run: Run) -> int:
     """FLOPs of one whole step (forwards, backward, optimiser), counted by torch's FlopCounterMode on eager
     execution (compiled graphs would bypass the counter; the FLOPs are the model's either way)."""
-    stance = torch.compiler.set_stance("force_eager") if run.settings["perf.compile"] else contextlib.nullcontext()
+    stance = torch.compiler.set_stance("force_eager") if run.trainer.config.perf.compile else contextlib.nullcontext()
     with stance, FlopCounterMode(display=False) as counter:
         timed_step(run, None)
     return counter.get_total_flops()
@@ -427,13 +440,13 @@ def format_record(record: dict[str, Any]) -> str:
 
 
 def format_comparison(result: dict[str, Any]) -> str:
-    """Every mode against the baseline of the same preset and batch."""
+    """Every mode against the baseline of the same preset and batch (or, without one, the first mode run)."""
     rows = [f"{'preset':<14} {'batch':>5} {'mode':<30} {'img/s':>9} {'x base':>7} {'peak MiB':>9} {'x base':>7} "
             f"{'MFU %':>6} {'resid %':>7}"]
     records = result["records"]
     for record in records:
-        base = next((r for r in records if r["mode"] == "baseline" and r["preset"] == record["preset"]
-                     and r["batch"] == record["batch"]), None)
+        same = [r for r in records if r["preset"] == record["preset"] and r["batch"] == record["batch"]]
+        base = next((r for r in same if r["mode"] == "baseline"), same[0])
         speed = f"{record['images_per_second'] / base['images_per_second']:.2f}" if base else "-"
         memory = f"{record['peak_memory_bytes'] / base['peak_memory_bytes']:.2f}" if base else "-"
         mfu = f"{100 * record['mfu']:.2f}" if record["mfu"] is not None else "-"

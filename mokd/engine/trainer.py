@@ -19,7 +19,7 @@ import torch
 from mokd.config import MOKDConfig, save_config, to_yaml
 from mokd.data import (MultiCropTransform, build_train_loader, data_statistics, dataset_for, limit_size, loader_statistics,
                        shard_train_loader)
-from mokd.engine.collapse_watch import CollapseWatch
+from mokd.engine.collapse_watch import CollapseWatch, step0_name
 from mokd.engine.checkpoint import META_FILE, TEACHERS_FILE, CheckpointError, CheckpointManager, Finish, save_torch
 from mokd.engine.distributed import (CentreSync, World, all_gather_objects, all_reduce_mean, all_reduce_sum, any_rank,
                                      broadcast_object, collective, init_world)
@@ -30,8 +30,8 @@ from mokd.engine.perf import apply_perf
 from mokd.engine.preemption import StopRequest
 from mokd.engine.resume_check import check_resume
 from mokd.engine.run_lock import RunLock, check_run_directory
-from mokd.engine.runtime import (autocast, autocast_dtype, peak_memory_bytes, resolve_device, restore_rng_state,
-                                 rng_state, seed_rng_for_rank, set_determinism)
+from mokd.engine.runtime import (autocast, autocast_dtype, describe_precision, peak_memory_bytes, resolve_device,
+                                 restore_rng_state, rng_state, seed_rng_for_rank, set_determinism)
 from mokd.engine.strategies import build_strategy
 from mokd.errors import DataError, MokdError, NonFiniteError, user_message
 from mokd.method.mokd import Centres, MOKDObjective, StepLosses, Temperatures, untimed
@@ -77,6 +77,8 @@ class Trainer:
         check_run_directory(self.run_dir)
         set_determinism(config.train.seed, config.train.deterministic)
         self.amp_dtype = autocast_dtype(config.train.precision, self.device)
+        if self.world.is_main:
+            print(describe_precision(config.train.precision, self.device), flush=True)
 
         self.dataset, self.loader, self.sampler = build_train_data(config, self.world.rank, self.world.world_size)
         self.steps_per_epoch = len(self.sampler)
@@ -111,12 +113,18 @@ class Trainer:
         self.scaler_skipped = [False, False]
 
         self.step = 0
+        # The feature monitors of the untrained teachers (the first step of the run), the collapse warnings'
+        # reference; kept in every checkpoint. {} until measured.
+        self.collapse_step0: dict[str, float] = {}
         self.lock = RunLock(self.run_dir)
         self.open_run()
         self.metrics = (MetricsLogger(self.run_dir, self.last_step, self.step, show_progress)
                         if self.world.is_main else None)
-        self.collapse_watch = CollapseWatch(config.head.out_dim, config.train.warn_feature_cosine,
-                                            config.train.warn_feature_rank, config.train.warn_entropy_fraction)
+        self.collapse_watch = CollapseWatch(config.head.out_dim, config.train.warn_feature_cosine_gap,
+                                            config.train.warn_feature_rank_fraction,
+                                            config.train.warn_entropy_fraction)
+        if self.collapse_step0:
+            self.collapse_watch.set_baseline(self.collapse_step0)
 
     def open_run(self) -> None:
         """Collective: claim the run directory (rank 0: writable, locked), resume from the newest checkpoint that
@@ -249,6 +257,9 @@ class Trainer:
             for crops, _ in self.loader:
                 data_wait += time.perf_counter() - fetch_start
                 losses, grad_norms = self.train_step(crops)
+                if not self.collapse_step0:  # this step's teachers were the untrained networks (a fresh run)
+                    self.collapse_step0 = self.feature_monitors(losses, reduce=True)
+                    self.collapse_watch.set_baseline(self.collapse_step0)
                 window_images += crops[0].shape[0] * self.world.world_size
                 if self.step == first_step:  # optimiser state exists from the first step on
                     self.record_memory()
@@ -306,11 +317,10 @@ class Trainer:
             averaged[f"loss/model{which}/total"] = total
         averaged.update({f"collapse/teacher_entropy/{name}": v for name, v in losses.teacher_entropy.items()})
         averaged.update({f"collapse/kl_teacher_student/{name}": v for name, v in losses.kl_teacher_student.items()})
-        for which, pooled in enumerate(losses.teacher_pooled, start=1):  # computed only for the logged steps
-            for statistic, value in feature_statistics(pooled).items():
-                averaged[f"collapse/{FEATURE_MONITOR_TAGS[statistic]}/model{which}"] = value
+        averaged.update(self.feature_monitors(losses, reduce=False))  # computed only for the logged steps
         with collective("metrics all-reduce"):
             scalars = {name: value.item() for name, value in all_reduce_mean(averaged).items()}
+        scalars.update({step0_name(name): value for name, value in self.collapse_step0.items()})
         for which, (schedule, norm) in enumerate(zip(self.schedules, grad_norms), start=1):
             scalars[f"schedule/model{which}/lr"] = float(schedule.lr[step])
             scalars[f"schedule/model{which}/weight_decay"] = float(schedule.weight_decay[step])
@@ -331,6 +341,17 @@ class Trainer:
             self.metrics.log(self.step, scalars)
             for line in self.collapse_watch.check(self.step, scalars):
                 self.metrics.write_line(line)
+
+    def feature_monitors(self, losses: StepLosses, reduce: bool) -> dict:
+        """Mean pairwise cosine and effective rank of each teacher's pooled global-crop features, by metric name:
+        this rank's tensors, or (reduce: collective) floats averaged over the ranks."""
+        monitors = {f"collapse/{FEATURE_MONITOR_TAGS[statistic]}/model{which}": value
+                    for which, pooled in enumerate(losses.teacher_pooled, start=1)
+                    for statistic, value in feature_statistics(pooled).items()}
+        if not reduce:
+            return monitors
+        with collective("feature monitors all-reduce"):
+            return {name: value.item() for name, value in all_reduce_mean(monitors).items()}
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save(self) -> Path:
@@ -373,6 +394,7 @@ class Trainer:
                     "world_size": self.world.world_size,
                     "strategy": self.strategy.name,
                     "config": to_yaml(self.config),
+                    "collapse_step0": dict(self.collapse_step0),
                 }, directory / META_FILE)
             if writing is None:
                 if self.world.is_main:
@@ -403,6 +425,8 @@ class Trainer:
         with collective("checkpoint load"):
             self.strategy.load(directory)
         self.centres.values.copy_(meta["centres"])
+        # (checkpoints written before the key existed: measured again at the first step after the resume)
+        self.collapse_step0 = dict(meta.get("collapse_step0", {}))
         if rng_file.exists():
             restore_rng_state(torch.load(rng_file, weights_only=False))
         else:  # a rank the saving run did not have (resumed on more processes)
