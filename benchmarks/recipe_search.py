@@ -85,6 +85,14 @@ CANDIDATES.update({
     "why-mokd-lam2=0.3": ("cnn_vit", "mokd", [*GRID_CNN_VIT, "model2.cross_weight=0.3"]),
     "why-mokd-cnnthead-own": ("cnn_vit", "mokd", [*GRID_CNN_VIT, "model1.thead_optim=own"]),
 })
+# `make demo` with the recipe (issue 20): the demo's own budget (32,000 images, here 2 epochs: the bf16 +
+# channels_last step takes the time one fp32 epoch took), scored on the validation split like every candidate.
+DEMO_BUDGET = ["data.train_samples=32000", "train.epochs=2", "checkpoint.keep_last=1", "eval.max_train_samples=10000"]
+CANDIDATES.update({
+    "demo-mokd-bn-sk-2ep": ("cnn_cnn", "mokd", [*RECIPE, *DEMO_BUDGET]),
+    "demo-dino-bn-sk-2ep": ("cnn_cnn", "dino", [*RECIPE, *DEMO_BUDGET]),
+})
+
 # The same questions at half the budget (3 epochs, 375 steps: the ViT's gap between DINO and MOKD was already 10
 # k-NN points at epoch 3 of the 6-epoch grid runs), so that all of them fit in one session on 2 cores.
 HALF_BUDGET = ["train.epochs=3", "checkpoint.keep_last=3"]
