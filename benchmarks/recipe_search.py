@@ -89,8 +89,8 @@ CANDIDATES.update({
 # channels_last step takes the time one fp32 epoch took), scored on the validation split like every candidate.
 DEMO_BUDGET = ["data.train_samples=32000", "train.epochs=2", "checkpoint.keep_last=1", "eval.max_train_samples=10000"]
 CANDIDATES.update({
-    "demo-mokd-bn-sk-2ep": ("cnn_cnn", "mokd", [*RECIPE, *DEMO_BUDGET]),
-    "demo-dino-bn-sk-2ep": ("cnn_cnn", "dino", [*RECIPE, *DEMO_BUDGET]),
+    "demo-mokd-bn-sk-2ep": ("cnn_cnn", "mokd", [*RECIPE, *FAST_CPU, *DEMO_BUDGET]),
+    "demo-dino-bn-sk-2ep": ("cnn_cnn", "dino", [*RECIPE, *FAST_CPU, *DEMO_BUDGET]),
 })
 
 # The same questions at half the budget (3 epochs, 375 steps: the ViT's gap between DINO and MOKD was already 10
