@@ -67,7 +67,7 @@ def test_grid_holds_each_table_and_every_run_config_is_valid() -> None:
             assert weights[2 - int(which)] == (0.1, 1.0)[2 - int(which)]
 
 
-def test_evaluate_a_real_run_matches_mokd_eval_knn(tmp_path: Path) -> None:
+def test_evaluate_a_real_run_matches_mokd_eval_knn(tmp_path: Path, monkeypatch) -> None:
     run_dir = tmp_path / "run"
     overrides = [
         f"run_dir={run_dir}", "model1.width=8", "model2.width=4", "head.out_dim=64", "head.mlp_hidden_dim=32",
@@ -79,10 +79,17 @@ def test_evaluate_a_real_run_matches_mokd_eval_knn(tmp_path: Path) -> None:
         "checkpoint.keep_last=2",
     ]
     assert main(["train", "--preset", "demo", "--no-progress", *overrides]) == 0
+    monkeypatch.setattr(paper_tables, "CURVE_TEST_IMAGES", 20)  # the synthetic test split is smaller than 2,000
     evaluation = paper_tables.evaluate(run_dir, torch.device("cpu"))
     curve = evaluation["knn_curve_test"]
     assert [point["epoch"] for point in curve] == [0, 1, 2] and [p["step"] for p in curve] == [0, 4, 8]
     assert curve[0]["knn_top1"] != curve[-1]["knn_top1"]  # the untrained networks are not the trained ones
+    # the epoch between is scored on 20 test images only (top-1 in steps of 5 %), the ends on both
+    assert curve[1]["test_images"] == 20 and "knn_top1_subset" not in curve[1]
+    for point in (curve[0], curve[-1]):
+        assert point["test_images"] > 20 and len(point["knn_top1_subset"]) == 2
+    for value in curve[1]["knn_top1"] + curve[0]["knn_top1_subset"] + curve[-1]["knn_top1_subset"]:
+        assert value / 5 == pytest.approx(round(value / 5), abs=1e-6)
     for split in ("test", "validation"):
         assert 0 <= evaluation[split]["prediction_consistency"] <= 100
         for which in ("model1", "model2"):
