@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-# metric prefix of each feature monitor -> its step-0 value's prefix (logged beside it)
+# the monitors judged against their own step-0 values
 FEATURE_MONITORS = ("collapse/feature_cosine/", "collapse/feature_rank/")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import resource
 from pathlib import Path
@@ -22,6 +23,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@functools.lru_cache(maxsize=None)  # the CPU does not change while a process runs
 def cpu_bf16_matrix_unit() -> Optional[str]:
     """The CPU's bf16 matrix/dot-product instructions that oneDNN uses for bf16 convolutions and matmuls
     (AMX-BF16 on Intel Sapphire Rapids and later, AVX512-BF16 on Cooper Lake and AMD Zen 4/5), or None.

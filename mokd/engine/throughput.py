@@ -447,8 +447,8 @@ def format_comparison(result: dict[str, Any]) -> str:
     for record in records:
         same = [r for r in records if r["preset"] == record["preset"] and r["batch"] == record["batch"]]
         base = next((r for r in same if r["mode"] == "baseline"), same[0])
-        speed = f"{record['images_per_second'] / base['images_per_second']:.2f}" if base else "-"
-        memory = f"{record['peak_memory_bytes'] / base['peak_memory_bytes']:.2f}" if base else "-"
+        speed = f"{record['images_per_second'] / base['images_per_second']:.2f}"
+        memory = f"{record['peak_memory_bytes'] / base['peak_memory_bytes']:.2f}"
         mfu = f"{100 * record['mfu']:.2f}" if record["mfu"] is not None else "-"
         rows.append(f"{record['preset']:<14} {record['batch']:>5} {record['mode']:<30} "
                     f"{record['images_per_second']:>9.4g} {speed:>7} {record['peak_memory_bytes'] / 2**20:>9.0f} "

@@ -113,18 +113,19 @@ class Trainer:
         self.scaler_skipped = [False, False]
 
         self.step = 0
-        # The feature monitors of the untrained teachers (the first step of the run), the collapse warnings'
-        # reference; kept in every checkpoint. {} until measured.
-        self.collapse_step0: dict[str, float] = {}
+        self.collapse_watch = CollapseWatch(config.head.out_dim, config.train.warn_feature_cosine_gap,
+                                            config.train.warn_feature_rank_fraction,
+                                            config.train.warn_entropy_fraction)
         self.lock = RunLock(self.run_dir)
         self.open_run()
         self.metrics = (MetricsLogger(self.run_dir, self.last_step, self.step, show_progress)
                         if self.world.is_main else None)
-        self.collapse_watch = CollapseWatch(config.head.out_dim, config.train.warn_feature_cosine_gap,
-                                            config.train.warn_feature_rank_fraction,
-                                            config.train.warn_entropy_fraction)
-        if self.collapse_step0:
-            self.collapse_watch.set_baseline(self.collapse_step0)
+
+    @property
+    def collapse_step0(self) -> dict[str, float]:
+        """The feature monitors of the untrained teachers (the first step of the run), the collapse warnings'
+        reference; kept in every checkpoint. {} until measured."""
+        return self.collapse_watch.baseline
 
     def open_run(self) -> None:
         """Collective: claim the run directory (rank 0: writable, locked), resume from the newest checkpoint that
@@ -258,8 +259,7 @@ class Trainer:
                 data_wait += time.perf_counter() - fetch_start
                 losses, grad_norms = self.train_step(crops)
                 if not self.collapse_step0:  # this step's teachers were the untrained networks (a fresh run)
-                    self.collapse_step0 = self.feature_monitors(losses, reduce=True)
-                    self.collapse_watch.set_baseline(self.collapse_step0)
+                    self.collapse_watch.set_baseline(self.feature_monitors(losses, reduce=True))
                 window_images += crops[0].shape[0] * self.world.world_size
                 if self.step == first_step:  # optimiser state exists from the first step on
                     self.record_memory()
@@ -426,7 +426,7 @@ class Trainer:
             self.strategy.load(directory)
         self.centres.values.copy_(meta["centres"])
         # (checkpoints written before the key existed: measured again at the first step after the resume)
-        self.collapse_step0 = dict(meta.get("collapse_step0", {}))
+        self.collapse_watch.set_baseline(meta.get("collapse_step0", {}))
         if rng_file.exists():
             restore_rng_state(torch.load(rng_file, weights_only=False))
         else:  # a rank the saving run did not have (resumed on more processes)
