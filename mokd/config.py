@@ -215,8 +215,9 @@ class PerfConfig:
     fused_ema: bool = option(True, "teacher EMA through the fused ema_ kernel (false: DINO's per-tensor loop)")
     optimizer: str = option("foreach", "optimiser implementation for sgd/adamw: loop (one tensor at a time) | "
                             "foreach (multi-tensor) | fused (one kernel; CUDA, CPU); LARS always loops")
-    channels_last: bool = option(True, "ResNet weights and inputs in channels_last (NHWC) memory format (on CPU "
-                                 "1.3x the images/s of NCHW in fp32 and 1.4x in bf16, demo pair)")
+    channels_last: bool = option(False, "ResNet weights and inputs in channels_last (NHWC) memory format (on CPU "
+                                 "1.3x the images/s of NCHW in fp32 and 1.4x in bf16, demo pair; the CPU presets "
+                                 "turn it on). Off by default: FSDP2 refuses non-contiguous parameters")
     fused_attention: bool = option(True, "ViT backbones attend through scaled_dot_product_attention "
                                    "(FlashAttention-2 on CUDA); false: explicit softmax(QK^T)V. The T-Head's "
                                    "attention is head.attention")
