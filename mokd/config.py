@@ -1,7 +1,7 @@
 """The one typed configuration schema of mokd, its YAML presets and dotted command-line overrides.
 
-A run's configuration is built in three layers: the dataclass defaults below, a YAML preset from
-`configs/` (named or given as a path), then `key=value` overrides such as `train.epochs=5`.
+A run's configuration is built in three layers: the dataclass defaults below, a YAML preset (one of the
+package's own in `mokd/configs/`, read as package data so a wheel has them too, or a path), then `key=value` overrides such as `train.epochs=5`.
 OmegaConf checks every layer against the schema, so an unknown key or a value of the wrong type is
 refused before any work starts, with the offending key named. The resolved result is saved in the
 run directory as `config.yaml`.
@@ -10,6 +10,7 @@ run directory as `config.yaml`.
 from __future__ import annotations
 
 import math
+from importlib.resources import files
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -20,7 +21,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from mokd.errors import ConfigError
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Package data, not a folder beside the package: a wheel installed anywhere carries its presets.
+PRESETS = files("mokd") / "configs"
 
 
 @dataclass(frozen=True)
@@ -322,31 +324,76 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def describe_options(schema: type = MOKDConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, help) for every leaf option of the schema."""
+def _leaf_options(schema: type = MOKDConfig, prefix: str = "") -> list[tuple[str, Any, dict]]:
+    """(dotted key, default, field metadata) for every leaf option of the schema."""
     rows = []
     instance = schema()
     for item in fields(schema):
         key = f"{prefix}{item.name}"
         value = getattr(instance, item.name)
         if is_dataclass(value):
-            rows.extend(describe_options(type(value), key + "."))
+            rows.extend(_leaf_options(type(value), key + "."))
         else:
-            rows.append((key, repr(value), item.metadata.get("help", "")))
+            rows.append((key, value, item.metadata))
     return rows
+
+
+def describe_options(schema: type = MOKDConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf option of the schema."""
+    return [(key, repr(value), metadata.get("help", "")) for key, value, metadata in _leaf_options(schema, prefix)]
+
+
+def reference_markdown() -> str:
+    """The configuration reference page (docs/configuration.md), written from the schema: every option with its
+    default, the values it accepts and its help text, section by section; model1 and model2 share one table."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["# Configuration reference", "",
+             "Generated from the schema (`mokd/config.py`) by `mokd config --markdown`; do not edit by hand. A run's",
+             "configuration is the schema's defaults, then a preset (`--preset NAME` or a YAML path), then",
+             "`key=value` overrides; unknown keys and values outside the accepted range are refused before any work.",
+             "`model1.*` and `model2.*` take the same options (written `modelN.*` below)."]
+    shown = set()
+    for item in fields(MOKDConfig):
+        name = "modelN" if item.name in ("model1", "model2") else item.name
+        if name in shown:
+            continue
+        shown.add(name)
+        title = "each model" if name == "modelN" else item.metadata["help"]
+        lines += ["", f"## `{name}`: {title}", "",
+                  "| option | default | accepts | meaning |", "|---|---|---|---|"]
+        if is_dataclass(item.default_factory):
+            rows = _leaf_options(item.default_factory, f"{item.name}.")
+        else:
+            rows = [(item.name, item.default, item.metadata)]
+        for key, value, metadata in rows:
+            allowed = CHOICES.get(key)
+            accepts = " | ".join(allowed) if allowed else (str(metadata["bounds"]) if metadata.get("bounds") else "")
+            shown_key = key.replace("model1.", "modelN.", 1)
+            default = OmegaConf.to_yaml({"v": value}).strip()[len("v: "):].replace("\n", " ")
+            lines.append(f"| `{shown_key}` | `{cell(default)}` | {cell(accepts)} | {cell(metadata.get('help', ''))} |")
+    return "\n".join(lines) + "\n"
 
 
 def list_presets() -> list[str]:
     """Presets that name a whole run (bases meant only for `inherit:` end in `_base`)."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.endswith("_base"))
+    names = (entry.name[:-len(".yaml")] for entry in PRESETS.iterdir() if entry.name.endswith(".yaml"))
+    return sorted(name for name in names if not name.endswith("_base"))
 
 
-def _preset_path(preset: str) -> Path:
+def preset_text(name: str) -> str:
+    """The YAML of one of the package's presets."""
+    return (PRESETS / f"{name}.yaml").read_text()
+
+
+def _preset_path(preset: str):
+    """A YAML file given as a path, else the package's preset of that name (a path or a package resource)."""
     path = Path(preset)
     if path.suffix in (".yaml", ".yml") and path.exists():
         return path
-    named = PRESET_DIR / f"{preset}.yaml"
-    if named.exists():
+    named = PRESETS / f"{preset}.yaml"
+    if named.is_file():
         return named
     raise ConfigError(f"unknown preset {preset!r}: not a YAML file, and not one of {', '.join(list_presets())}")
 
@@ -370,7 +417,7 @@ def _merge_preset(config: DictConfig, preset: str, chain: tuple[str, ...] = ()) 
     if str(path) in chain:
         raise ConfigError(f"preset {path}: circular inherit through {' -> '.join(chain)}")
     try:
-        layer = OmegaConf.load(path)
+        layer = OmegaConf.create(path.read_text())
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)

@@ -1,4 +1,4 @@
-"""The `mokd` command line: train, eval (knn, linear, finetune, analyse), export, shards, plan, bench, presets."""
+"""The `mokd` command line: train, eval (knn, linear, finetune, analyse), export, shards, plan, bench, presets, config."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 from typing import Optional
 
-from mokd.config import PRESET_DIR, describe_options, list_presets, load_config
+from mokd.config import describe_options, list_presets, load_config, preset_text, reference_markdown, to_yaml
 from mokd.errors import MokdError, user_message
 
 DEFAULT_PRESET = "demo"
@@ -17,7 +17,7 @@ DEFAULT_PRESET = "demo"
 def preset_summary() -> str:
     lines = []
     for name in list_presets():
-        first = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ").strip()
+        first = preset_text(name).splitlines()[0].lstrip("# ").strip()
         lines.append(f"  {name:<16} {first}")
     return "\n".join(lines)
 
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model pair. Configuration: the schema defaults, then --preset, then key=value "
                     "overrides (unknown keys are refused). The resolved config is saved as RUN/config.yaml; "
                     "an existing run directory resumes from its newest complete checkpoint.",
-        epilog=f"presets (configs/*.yaml):\n{preset_summary()}\n\noptions (key=default):\n{options_summary()}")
+        epilog=f"presets (mokd/configs/*.yaml):\n{preset_summary()}\n\noptions (key=default):\n{options_summary()}")
     train.add_argument("--preset", default=DEFAULT_PRESET, help=f"preset name or YAML path (default: {DEFAULT_PRESET})")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to RUN/)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=5")
@@ -174,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.n_local_crops=6")
 
     commands.add_parser("presets", help="list the presets")
+    config = commands.add_parser(
+        "config", formatter_class=_formatter, help="print a resolved configuration, or the configuration reference",
+        description="Print the configuration a `mokd train` with these arguments would run (YAML, validated), or "
+                    "with --markdown the reference of every option (docs/configuration.md is this output).")
+    config.add_argument("--preset", default=DEFAULT_PRESET, help=f"preset name or YAML path (default: {DEFAULT_PRESET})")
+    config.add_argument("--markdown", action="store_true", help="print the configuration reference as Markdown")
+    config.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=5")
     return parser
 
 
@@ -197,29 +204,9 @@ def bench_command(args: argparse.Namespace) -> int:
 
 
 def train_command(preset: str, overrides: list[str], show_progress: bool) -> int:
-    from mokd.engine.trainer import Trainer
-    from mokd.eval.run_evaluation import analyse_run, evaluate_run, extract_run_features, format_analysis, format_table
+    from mokd.launch.api import train
 
-    config = load_config(preset, overrides)
-    trainer = Trainer(config, show_progress=show_progress)
-    main = trainer.world.is_main  # under torchrun every rank trains; rank 0 reports and evaluates
-    if main:
-        print(f"run directory: {trainer.run_dir.resolve()} ({config.parallel.strategy}, "
-              f"{trainer.world.world_size} process(es))", flush=True)
-    trainer.train()
-    if trainer.stop_agreed:  # stopped by a signal and saved: the next start resumes; no evaluation now
-        return 0
-    teachers = trainer.teacher_networks() if config.eval.knn_at_end else None
-    if teachers is not None:
-        # One feature pass per model serves the k-NN, the linear probe and the analyses.
-        features, _ = extract_run_features(config, teachers, trainer.device)
-        results = evaluate_run(config, teachers, trainer.device, trainer.step, features=features)
-        print(format_table(results))
-        if config.eval.analysis_at_end:
-            print(format_analysis(analyse_run(config, teachers, trainer.device, trainer.step, features)))
-        print(f"results: {trainer.run_dir.resolve() / 'results.json'}")
-    if main:
-        print(f"run directory: {trainer.run_dir.resolve()} (TensorBoard: tensorboard --logdir {trainer.run_dir})")
+    train(preset, overrides, progress=show_progress, report=lambda line: print(line, flush=True))
     return 0
 
 
@@ -297,6 +284,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         if args.command == "bench":
             return bench_command(args)
+        if args.command == "config":
+            print(reference_markdown() if args.markdown else to_yaml(load_config(args.preset, args.overrides)), end="")
+            return 0
         print(preset_summary())
         return 0
     except (MokdError, OSError) as error:  # the user's to fix; anything else is a bug and keeps its traceback
