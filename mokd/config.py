@@ -169,9 +169,10 @@ class DataConfig:
     synthetic_classes: int = option(10, "synthetic source: classes", AT_LEAST_ONE)
     synthetic_channels: int = option(3, "synthetic source: channels", AT_LEAST_ONE)
     shards: Optional[str] = option(None, "webdataset: training shard URLs, brace-expanded, '::' between patterns "
-                                   "(/data/train-{000000..000146}.tar, or pipe:aws s3 cp s3://b/train-{...}.tar -)")
+                                   "(/data/train-{000000..000146}.tar, or pipe:aws s3 cp s3://b/train-{...}.tar -), or the "
+                                   "directory `mokd shards` wrote (its manifest lists the shards)")
     eval_shards: Optional[str] = option(None, "webdataset: held-out (val/test) shard URLs for k-NN, linear probe "
-                                        "and fine-tuning (read in order, not shuffled)")
+                                        "and fine-tuning (read in order, not shuffled), or their directory")
     shard_manifest: Optional[str] = option(None, "webdataset: manifest.json of the training shards (per-shard "
                                            "sample counts; default: beside local shards; needed for pipe: URLs)")
     shard_channels: int = option(3, "webdataset: channels the images are decoded to (1 for Fashion-MNIST shards)")
@@ -529,12 +530,15 @@ def validate_shard_options(data: DataConfig) -> None:
         return
     if not data.shards:
         raise ConfigError("data.source=webdataset needs data.shards (the training shard URLs, written by `mokd shards`)")
+    # Presets for the map-style sources set these; the error names the override that lets such a preset stream.
     if data.validation_samples:
-        raise ConfigError("data.validation_samples carves a map-style dataset; with data.source=webdataset write the "
-                          "validation images to their own shards and point data.eval_shards at them")
+        raise ConfigError(f"data.validation_samples={data.validation_samples} carves a map-style dataset: add "
+                          "data.validation_samples=0 to stream shards (validation images go to their own shards, "
+                          "named by data.eval_shards)")
     if data.train_samples:
-        raise ConfigError("data.train_samples picks a subset of a map-style dataset; with data.source=webdataset "
-                          "write fewer samples instead (mokd shards --limit N)")
+        raise ConfigError(f"data.train_samples={data.train_samples} picks a subset of a map-style dataset: add "
+                          "data.train_samples=0 to stream every sample of the shards (or write fewer: "
+                          "mokd shards --limit N)")
     if data.shard_channels not in (1, 3):
         raise ConfigError(f"data.shard_channels must be 1 or 3, got {data.shard_channels}")
 

@@ -445,7 +445,7 @@ def test_validation_split_options_are_checked() -> None:
         load_config("demo", ["data.validation_samples=-1"])
     with pytest.raises(ConfigError, match="eval.split='val' is not one of"):
         load_config("demo", ["eval.split=val"])
-    with pytest.raises(ConfigError, match="data.validation_samples carves a map-style dataset"):
+    with pytest.raises(ConfigError, match="data.validation_samples=5 carves a map-style dataset: add data.validation_samples=0"):
         load_config("demo", ["data.source=webdataset", "data.shards=/x/a.tar", "data.validation_samples=5"])
     too_many = load_config("demo", ["data.source=synthetic", "data.synthetic_size=50", "data.validation_samples=50"])
     with pytest.raises(ValueError, match="data.validation_samples=50 must be between 1 and 49"):

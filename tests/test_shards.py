@@ -233,6 +233,10 @@ def test_webdataset_options_are_checked(tmp_path: Path) -> None:
         load_config(None, ["data.source=webdataset"])
     with pytest.raises(ConfigError, match="mokd shards --limit"):
         load_config(None, ["data.source=webdataset", "data.shards=x.tar", "data.train_samples=10"])
+    # A preset made for a map-style source: the error names the override that lets it stream.
+    with pytest.raises(ConfigError, match="add data.train_samples=0 to stream"):
+        load_config("demo", ["data.source=webdataset", "data.shards=x.tar"])
+    assert load_config("demo", ["data.source=webdataset", "data.shards=x.tar", "data.train_samples=0"]).data.shards
     with pytest.raises(ConfigError, match="data.shard_statistics"):
         load_config(None, ["data.source=webdataset", "data.shards=x.tar", "data.shard_statistics=imagenet"])
 
@@ -244,9 +248,11 @@ def test_trainer_and_evaluation_read_fashion_mnist_shards_from_the_cli(tmp_path:
     for split, limit in (("train", 96), ("test", 40)):
         assert cli_main(["shards", "--source", "fashion_mnist", "--split", split, "--out", str(tmp_path / split),
                          "--samples-per-shard", "24", "--limit", str(limit)]) == 0
+    # The directories `mokd shards` wrote stand for their shards (as their manifests list them).
+    assert expand_shard_urls(str(tmp_path / "train")) == expand_shard_urls(f"{tmp_path}/train/train-{{000000..000003}}.tar")
     config = tiny_config(tmp_path / "run", extra=[
-        "data.source=webdataset", f"data.shards={tmp_path}/train/train-{{000000..000003}}.tar",
-        f"data.eval_shards={tmp_path}/test/test-{{000000..000001}}.tar", "data.shard_channels=1",
+        "data.source=webdataset", f"data.shards={tmp_path}/train", f"data.eval_shards={tmp_path}/test",
+        "data.shard_channels=1",
         "data.shard_statistics=fashion_mnist", "data.shuffle_buffer=16", "train.max_steps=3"])
     trainer = Trainer(config, show_progress=False)
     assert trainer.steps_per_epoch == 96 // 8

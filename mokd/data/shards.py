@@ -43,7 +43,12 @@ class CorruptSample(ValueError):
 
 
 def expand_shard_urls(pattern: str, key: str = "data.shards") -> list[str]:
-    """Brace-expanded shard URLs of `pattern` ('::' separates several patterns); `key` names the option."""
+    """Brace-expanded shard URLs of `pattern` ('::' separates several patterns), or every shard of a directory
+    written by `mokd shards` (as its manifest lists them); `key` names the option."""
+    if pattern and is_local(pattern) and local_path(pattern).is_dir():
+        directory = local_path(pattern)
+        manifest = read_manifest(directory / MANIFEST_NAME)
+        return [str(directory / entry["name"]) for entry in manifest["shards"]]
     urls = expand_urls(pattern) if pattern else []
     if not urls:
         raise DataError(f"{key}={pattern!r} names no shard")
