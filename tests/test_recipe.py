@@ -285,7 +285,8 @@ def test_feature_collapse_warnings_are_relative_to_the_untrained_network():
     assert "collapse/feature_rank/model1 = 1.8" in lines[1] and "3.8" in lines[1]
     assert watch.check(4, {cosine: 0.98, rank: 1.5}) == []  # still collapsed: said once
     assert watch.check(5, {cosine: 0.90, rank: 3.0}) == []  # recovered
-    assert len(watch.check(6, {cosine: 0.99, rank: 3.0})) == 1  # and warned again on the next crossing
+    assert watch.check(6, {cosine: 0.99, rank: 1.0}) == []  # crossing again: said once per run, not per crossing
+    assert len(watch.check(6, {"collapse/feature_rank/model2": 1.0})) == 0  # no step-0 value for model2: no judge
     entropy = watch.check(7, {"collapse/teacher_entropy/model2/cm": 0.99 * math.log(64)})
     assert len(entropy) == 1 and "uniform" in entropy[0]
 

@@ -6,8 +6,9 @@ numbers: an untrained ResNet's pooled features are post-ReLU and already aligned
 rank 3.8-6.1 for the demo's ResNet-18s on Fashion-MNIST) while an untrained ViT's are 0.65 and 1.7, so one fixed
 threshold would call a healthy ResNet collapsed and miss a collapsing ViT.
 
-Each monitor warns when it enters its bad zone, and again only after it has left it, so a run stuck in a
-collapse prints one line, not one per logged step."""
+Each monitor warns the first time it enters its bad zone, and never again in that process: a run stuck in a
+collapse, or hovering at a threshold (the demo's rank monitors cross it back and forth), prints one line, not one
+per logged step or per crossing. The metrics keep every value."""
 
 from __future__ import annotations
 
@@ -40,22 +41,20 @@ class CollapseWatch:
             ("collapse/teacher_entropy/", lambda name, v: v >= entropy_limit,
              lambda name: f"teacher entropy >= {max_entropy_fraction} ln K = {entropy_limit:.3f} (uniform)"),
         ]
-        self.alarmed: set[str] = set()
+        self.warned: set[str] = set()
 
     def set_baseline(self, step0: dict[str, float]) -> None:
         """The feature monitors of the untrained teachers (the first step of a run), by metric name."""
         self.baseline = dict(step0)
 
     def check(self, step: int, scalars: dict[str, float]) -> list[str]:
-        """The warning lines for the monitors that entered their bad zone at this logged step."""
+        """The warning lines for the monitors that entered their bad zone for the first time at this step."""
         lines = []
         for name, value in scalars.items():
             for prefix, bad, meaning in self.rules:
                 if not name.startswith(prefix) or (prefix in FEATURE_MONITORS and name not in self.baseline):
                     continue
-                if bad(name, value) and name not in self.alarmed:
-                    self.alarmed.add(name)
+                if name not in self.warned and bad(name, value):
+                    self.warned.add(name)
                     lines.append(f"warning: step {step}: {name} = {value:.4g}: {meaning(name)}")
-                elif not bad(name, value):
-                    self.alarmed.discard(name)
         return lines
