@@ -13,7 +13,7 @@ import math
 from importlib.resources import files
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +23,10 @@ from mokd.errors import ConfigError
 
 # Package data, not a folder beside the package: a wheel installed anywhere carries its presets.
 PRESETS = files("mokd") / "configs"
+
+
+# The loss terms of each model (DESIGN.md section 2): self MLP-Head, self T-Head, cross MLP-Head, cross search.
+LOSS_TERMS = ("sm", "st", "cm", "ct")
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,8 @@ BELOW_ONE = Range(0, 1, high_open=True)  # drop-path rate
 def option(default: Any, help: str, bounds: Optional[Range] = None) -> Any:
     """A schema field with its help text (shown by `mokd train --help`) and, for numbers, the accepted range."""
     metadata = {"help": help, "bounds": bounds}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -109,6 +113,9 @@ class ModelConfig:
                               "model's lr and weight-decay schedules, every T-Head parameter decayed) | auto "
                               "(other for a CNN paired with a ViT, as in the official code; else own)")
     cross_weight: float = option(1.0, "lambda_i, weight of this model's cross terms L_cm + L_ct", NON_NEGATIVE)
+    term_weights: Dict[str, float] = option({}, "per-term multipliers of this model's loss, by term: sm | st | cm | "
+                                            "ct (model2.term_weights.st=0 turns L_st off for this model only; the "
+                                            "cross terms are also weighed by cross_weight; a term not named weighs 1)")
     koleo_weight: float = option(0.0, "weight of the KoLeo regulariser on this student's pooled global-crop "
                                  "features (DINOv2; spreads features against dimensional collapse); 0: off",
                                  NON_NEGATIVE)
@@ -495,6 +502,11 @@ def validate(config: MOKDConfig) -> None:
     for name in ("model1", "model2"):
         model: ModelConfig = getattr(config, name)
         check_backbone(name, model)
+        for term, weight in model.term_weights.items():
+            if term not in LOSS_TERMS:
+                raise ConfigError(f"{name}.term_weights.{term}: no such loss term (one of {', '.join(LOSS_TERMS)})")
+            if weight < 0:
+                raise ConfigError(f"{name}.term_weights.{term}={weight} must be >= 0")
         for bound in ("global_crop_scale", "local_crop_scale"):
             scale = getattr(config.data, bound)
             if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:

@@ -17,6 +17,7 @@ from torch import nn
 
 from helpers import TINY_RESNET, TINY_VIT, tiny_config
 from mokd.config import load_config
+from mokd.errors import ConfigError
 from mokd.data.transforms import MultiCropTransform
 from mokd.engine.collapse_watch import CollapseWatch
 from mokd.engine.trainer import Trainer
@@ -320,3 +321,29 @@ def test_auto_precision_follows_the_cpus_bf16_unit_and_the_run_prints_it(tmp_pat
             else "fp32 (train.precision=auto: this CPU has no bf16 matrix unit" in line)
     Trainer(tiny_config(tmp_path / "run", extra=["train.max_steps=1"]))
     assert "mokd: precision fp32 (train.precision=fp32)" in capsys.readouterr().out
+
+
+def test_per_model_term_weights_follow_the_equation(tmp_path):
+    """L_i = w_sm L_sm + w_st L_st + lambda_i (w_cm L_cm + w_ct L_ct), each w 1 unless set; a weight of 0 drops
+    the term for that model only (its loss is not even computed)."""
+    torch.manual_seed(11)
+    config = tiny_config(tmp_path, extra=["model1.cross_weight=0.5", "model2.cross_weight=0.8",
+                                          "model2.term_weights.st=0", "model2.term_weights.cm=0.25",
+                                          "model1.term_weights.ct=2.0"])
+    students, teachers = build_pair(config, in_chans=1)
+    centres = Centres(config.head.out_dim)
+    centres.values.normal_()
+    crops = [torch.randn(4, 1, 16, 16) for _ in range(2)] + [torch.randn(4, 1, 8, 8) for _ in range(2)]
+    temps = (Temperatures(0.1, 0.05, 0.06), Temperatures(0.1, 0.04, 0.07))
+    objective = MOKDObjective(config.loss, (0.5, 0.8), term_weights=(dict(config.model1.term_weights),
+                                                                      dict(config.model2.term_weights)))
+    losses = objective(students, teachers, centres, crops, temps)
+    term = {name: value.item() for name, value in losses.terms.items()}
+    assert "model2/st" not in term and {"model1/sm", "model1/st", "model1/cm", "model1/ct"} <= term.keys()
+    expected1 = term["model1/sm"] + term["model1/st"] + 0.5 * (term["model1/cm"] + 2.0 * term["model1/ct"])
+    expected2 = term["model2/sm"] + 0.8 * (0.25 * term["model2/cm"] + term["model2/ct"])
+    assert losses.totals[0].item() == pytest.approx(expected1, rel=1e-6)
+    assert losses.totals[1].item() == pytest.approx(expected2, rel=1e-6)
+    assert losses.centre_rows[Centres.row(1, "st")] == 0 and losses.centre_rows[Centres.row(0, "st")] > 0
+    with pytest.raises(ConfigError, match="model1.term_weights.xy: no such loss term"):
+        tiny_config(tmp_path, extra=["model1.term_weights.xy=1"])

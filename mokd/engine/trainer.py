@@ -92,7 +92,8 @@ class Trainer:
         self.centres = Centres(config.head.out_dim).to(self.device)
         model_configs = (config.model1, config.model2)
         self.objective = MOKDObjective(config.loss, tuple(model.cross_weight for model in model_configs),
-                                       tuple(model.koleo_weight for model in model_configs))
+                                       tuple(model.koleo_weight for model in model_configs),
+                                       tuple(dict(model.term_weights) for model in model_configs))
         if self.world.distributed:
             self.objective.reduce_sum = all_reduce_sum
         self.strategy = build_strategy(config, self.world, self.amp_dtype)

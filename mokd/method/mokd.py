@@ -8,6 +8,8 @@ For model i (j is the other one), with h the MLP-Head, g the T-Head, ' the EMA t
     L_ct,i = CE(g'_j([q_i ; Z'_j(x_t)]), g_i(crops))           cross, feature search (no centre)
     L_i    = L_sm,i + L_st,i + lambda_i * (L_cm,i + L_ct,i)  [+ w_koleo,i * KoLeo(z_i of each global crop)]
 
+Each term may carry a per-model multiplier (modelN.term_weights; 1 unless set, 0 drops the term for that model).
+
 With loss.centring=sinkhorn_knopp the targets of L_sm, L_st, L_cm are Sinkhorn-Knopp equipartitions of the
 teacher logits over the global batch instead of softmax((t - c) / tau_t) (method/centring.py).
 
@@ -24,12 +26,13 @@ from typing import Callable, ContextManager, NamedTuple, Optional
 import torch
 from torch import nn
 
+from mokd.config import LOSS_TERMS
 from mokd.kernels import DinoCrossEntropyOutput, dino_cross_entropy, ema_
 from mokd.method.centring import ReduceSum, no_reduction, sinkhorn_knopp
 from mokd.method.koleo import koleo_loss
 from mokd.method.network import NetworkOutput, search_request, searched_rows
 
-TERMS = ("sm", "st", "cm", "ct")
+TERMS = LOSS_TERMS
 CENTRED_TERMS = ("sm", "st", "cm")
 
 
@@ -86,20 +89,26 @@ class MOKDObjective:
     """Computes both models' losses for a batch of crops. Knows nothing of devices or distribution."""
 
     def __init__(self, loss_config, cross_weights: tuple[float, float],
-                 koleo_weights: tuple[float, float] = (0.0, 0.0)) -> None:
+                 koleo_weights: tuple[float, float] = (0.0, 0.0),
+                 term_weights: tuple[dict[str, float], dict[str, float]] = ({}, {})) -> None:
         self.config = loss_config
         self.cross_weights = cross_weights
+        self.term_weights = term_weights
         self.koleo_weights = koleo_weights
         # phase(name) wraps each part of the computation (student_forward, teacher_forward, search, losses).
         self.phase: Callable[[str], ContextManager] = untimed
         # Sums a tensor over ranks (Sinkhorn-Knopp's global-batch normalisation); the engine installs its own.
         self.reduce_sum: ReduceSum = no_reduction
 
+    def weight(self, model: int, term: str) -> float:
+        """The multiplier of `term` in this model's loss: its term weight, times lambda_i for the cross terms."""
+        cross = self.cross_weights[model] if term in ("cm", "ct") else 1.0
+        return cross * self.term_weights[model].get(term, 1.0)
+
     def active_terms(self, model: int) -> list[str]:
-        cross = self.cross_weights[model] > 0
         switches = {"sm": self.config.self_mlp, "st": self.config.self_thead,
-                    "cm": self.config.cross_mlp and cross, "ct": self.config.cross_search and cross}
-        return [term for term in TERMS if switches[term]]
+                    "cm": self.config.cross_mlp, "ct": self.config.cross_search}
+        return [term for term in TERMS if switches[term] and self.weight(model, term) > 0]
 
     def _dino(self, student: torch.Tensor, teacher: torch.Tensor, centre: Optional[torch.Tensor],
               temperatures: Temperatures, teacher_temperature: float, batch_size: int,
@@ -161,8 +170,7 @@ class MOKDObjective:
                 total = total + self.koleo_weights[i] * koleo
                 terms[f"model{i + 1}/koleo"] = koleo.detach()
             for term, result in results.items():
-                weight = self.cross_weights[i] if term in ("cm", "ct") else 1.0
-                total = total + weight * result.loss
+                total = total + self.weight(i, term) * result.loss
                 name = f"model{i + 1}/{term}"
                 terms[name] = result.loss.detach()
                 entropy[name] = result.teacher_entropy
