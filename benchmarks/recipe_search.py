@@ -100,6 +100,20 @@ CANDIDATES.update({name.replace("why-", "why3-"): (pair, loss, [*overrides, *HAL
                    for name, (pair, loss, overrides) in list(CANDIDATES.items()) if name.startswith("why-")})
 
 
+# Which of the ViT's own terms costs it (issue 28): MOKD for the ResNet throughout, one term dropped for the ViT
+# only (modelN.term_weights), against DINO and full MOKD; at half the budget, seeds 0 and 1 (differences under two
+# points need both).
+VIT_ONLY = {"vit-no-st": ["model2.term_weights.st=0"], "vit-no-cm": ["model2.term_weights.cm=0"],
+            "vit-no-ct": ["model2.term_weights.ct=0"], "vit-no-cm-ct": ["model2.term_weights.cm=0",
+                                                                        "model2.term_weights.ct=0"],
+            "vit-sm-only": ["model2.term_weights.st=0", "model2.term_weights.cm=0", "model2.term_weights.ct=0"]}
+for seed in (0, 1):
+    SEEDED = [*GRID_CNN_VIT, *HALF_BUDGET, f"train.seed={seed}"]
+    CANDIDATES.update({f"vit3-dino-s{seed}": ("cnn_vit", "dino", SEEDED), f"vit3-mokd-s{seed}": ("cnn_vit", "mokd", SEEDED)})
+    CANDIDATES.update({f"vit3-mokd-{label}-s{seed}": ("cnn_vit", "mokd", [*SEEDED, *overrides])
+                       for label, overrides in VIT_ONLY.items()})
+
+
 def arguments(name: str) -> list[str]:
     pair, loss, overrides = CANDIDATES[name]
     return ["train", "--preset", PAIRS[pair], "--no-progress", *BUDGET, *LOSSES[loss], *overrides, *SCORING,
