@@ -8,12 +8,10 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from helpers import TINY_VIT, tiny_config
 from mokd.engine.perf import apply_perf
 from mokd.engine.throughput import PHASES, PhaseTimer, mode_settings
-import mokd.engine.trainer as trainer_module
 from mokd.engine.trainer import Trainer
 from mokd.kernels import ema_, ema_per_tensor_
 from mokd.launch.cli import main
@@ -168,38 +166,6 @@ def test_baseline_and_fast_compute_the_same_step_in_fp32(tmp_path):
     for base_teacher, fast_teacher in zip(trainers[0].teachers, trainers[1].teachers):
         for base_param, fast_param in zip(base_teacher.parameters(), fast_teacher.parameters()):
             torch.testing.assert_close(fast_param, base_param, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("overlap", [True, False])
-def test_centre_all_reduce_in_a_process_group(tmp_path, overlap):
-    """One gloo rank: the centre statistics go through CentreSync (async when overlapped) and the centres move as
-    in a single process. (The 2-process tests in test_distributed.py check the reduction itself.)"""
-    config = tiny_config(tmp_path, extra=["checkpoint.enabled=false", f"perf.overlap_centre_reduce={overlap}"])
-    single = Trainer(config, show_progress=False)
-    crops = crops_for(config)
-    reduced = Trainer(tiny_config(tmp_path / "group", extra=["checkpoint.enabled=false",
-                                                              f"perf.overlap_centre_reduce={overlap}"]),
-                      show_progress=False)
-    single.train_step(crops)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
-    try:
-        calls = []
-        original = trainer_module.CentreSync
-
-        class RecordingCentreSync(original):
-            def __init__(self, sums, rows, async_op):
-                calls.append(async_op)
-                super().__init__(sums, rows, async_op)
-
-        trainer_module.CentreSync = RecordingCentreSync
-        try:
-            reduced.train_step(crops)
-        finally:
-            trainer_module.CentreSync = original
-    finally:
-        dist.destroy_process_group()
-    assert calls == [overlap]
-    torch.testing.assert_close(reduced.centres.values, single.centres.values)
 
 
 def test_bench_throughput_cli_writes_json_and_a_trace(tmp_path):

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mokd.engine.preemption import ignore_stop_signals
 from mokd.errors import DataError
+from mokd.signals import ignore_stop_signals
 
 _SEED_MASK = (1 << 63) - 1
 

@@ -42,8 +42,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mokd.data.loader import EpochPosition, _hash63, collate_crops, seeded_transform
 from mokd.data.shards import (CorruptSample, RawSample, check_local_shards, decode_sample, expand_shard_urls,
                               iter_shard, shard_name, shard_sample_counts)
-from mokd.engine.preemption import ignore_stop_signals
 from mokd.errors import DataError
+from mokd.signals import ignore_stop_signals
 
 # Columns of the shared statistics table, one row per worker.
 _READ, _CORRUPT, _MISSING = range(3)

@@ -2,7 +2,7 @@
 engine needs beyond what the strategies' wrappers do.
 
 Launchers set the environment: torchrun and the DeepSpeed launcher set RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR and MASTER_PORT; under SLURM's srun (one task per GPU, see launch/slurm.sbatch) the same values are
+MASTER_ADDR and MASTER_PORT; under SLURM's srun (one task per GPU, see scripts/slurm.sbatch) the same values are
 read from SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID, with MASTER_ADDR/MASTER_PORT exported by the batch script.
 Without any of them the run is a single process and no process group is created.
 """
@@ -13,7 +13,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -151,15 +151,18 @@ class CentreSync:
     started early (async) so that the transfer overlaps the backward pass."""
 
     def __init__(self, sums: torch.Tensor, rows: torch.Tensor, async_op: bool) -> None:
-        self.sums, self.rows, self.handle = sums, rows, None
-        if dist.is_initialized() and dist.get_world_size() > 1:  # one process: nothing to reduce or copy
+        self.sums, self.rows = sums, rows
+        self.flat: Optional[torch.Tensor] = None  # the reduced buffer; None in one process (nothing to reduce)
+        self.handle: Optional[dist.Work] = None  # only an async all-reduce has one to wait on
+        if dist.is_initialized() and dist.get_world_size() > 1:
             self.flat = torch.cat([sums.detach().reshape(-1), rows.detach().to(sums.dtype)])
             self.handle = dist.all_reduce(self.flat, async_op=async_op)
 
     def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(global column sums [6, K], global teacher rows [6])."""
-        if self.handle is None:
+        if self.flat is None:
             return self.sums, self.rows
-        self.handle.wait()  # a no-op when the all-reduce was synchronous
+        if self.handle is not None:
+            self.handle.wait()
         count = self.sums.numel()
         return self.flat[:count].view(self.sums.shape), self.flat[count:]

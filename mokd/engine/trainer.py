@@ -27,7 +27,7 @@ from mokd.engine.guard import StepGuard, non_finite_flags, non_finite_module
 from mokd.engine.metrics import MetricsLogger
 from mokd.engine.optim import build_optimizer
 from mokd.engine.perf import apply_perf
-from mokd.engine.preemption import StopRequest
+from mokd.signals import StopRequest
 from mokd.engine.resume_check import check_resume
 from mokd.engine.run_lock import RunLock, check_run_directory
 from mokd.engine.runtime import (autocast, autocast_dtype, describe_precision, peak_memory_bytes, resolve_device,

@@ -22,6 +22,8 @@ class DDPStrategy(Strategy):
             convert_to_global_batchnorm(network)
         device_ids = [self.world.device.index] if self.world.device.type == "cuda" else None
         # Buffers (BN running statistics) are equal on every rank by construction: no broadcast each forward.
-        wrapped = tuple(DistributedDataParallel(student, device_ids=device_ids, broadcast_buffers=False)
+        # (DDP still broadcasts them once when it wraps, which changes nothing; `broadcast_buffers=False`, the
+        # older spelling that skipped that too, is deprecated and warns on every wrap.)
+        wrapped = tuple(DistributedDataParallel(student, device_ids=device_ids, forward_sync_buffers=False)
                         for student in students)
         return wrapped, teachers

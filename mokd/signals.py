@@ -1,7 +1,10 @@
 """Stop requests: SIGTERM (what SLURM and Kubernetes send before killing), SIGINT (Ctrl-C) and SIGUSR1 (what
 scripts/slurm.sbatch forwards ahead of the time limit) only set a flag. The trainer reads it at every step, all
 ranks agree on it in the step's one flag all-reduce, a checkpoint is saved and training returns normally. A
-second SIGINT aborts at once (KeyboardInterrupt), without saving.
+second SIGINT aborts at once (KeyboardInterrupt), without saving. The data loaders' workers ignore the signals
+meant for the trainer.
+
+Both the engine (the trainer) and the data loaders (their workers) use this module: it sits below both.
 """
 
 from __future__ import annotations
