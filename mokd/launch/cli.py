@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     protocols = evaluate.add_subparsers(dest="protocol", required=True)
     knn = protocols.add_parser(
         "knn", formatter_class=_formatter, help="weighted k-NN (cosine, k=20, T=0.07) of both teachers",
-        description="k-NN top-1 of both teacher backbones of the newest complete checkpoint of a run, next to "
-                    "the same networks untrained; written to RUN/results.json.")
+        description="k-NN top-1 of both teacher backbones of the newest checkpoint of a run that verifies, next "
+                    "to the same networks untrained; written to RUN/results.json.")
     add_run_arguments(knn, "eval.knn_k=10")
 
     linear = protocols.add_parser(
@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export", formatter_class=_formatter, help="write a teacher backbone as a timm or detectron2 checkpoint",
-        description="Write teacher backbone 1 or 2 of a run's newest checkpoint: --format timm, a plain state "
-                    "dict loading with strict=True into timm.create_model(name, num_classes=0, ...) (the "
+        description="Write teacher backbone 1 or 2 of a run's newest checkpoint that verifies: --format timm, a "
+                    "plain state dict loading with strict=True into timm.create_model(name, num_classes=0, ...) (the "
                     "small-image ResNet needs its stock conv1/maxpool replaced as in mokd/eval/export.py); "
                     "--format detectron2, a pickled detectron2 ResNet checkpoint.")
     export.add_argument("--run", required=True, type=Path, help="run directory")
