@@ -25,6 +25,12 @@ class CheckpointError(MokdError, RuntimeError):
     """A checkpoint that exists but cannot be read, fails its checksums, or cannot be written."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A file in a run directory that holds Python objects other than tensors and plain values: unpickling it
+    could run code, so mokd does not load it. Written by an older mokd (`mokd convert-run --trust` converts the
+    run once) or not by mokd at all. Never a reason to fall back to an older checkpoint."""
+
+
 class RunLockedError(MokdError):
     """Another live process trains in the same run directory."""
 

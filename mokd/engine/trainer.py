@@ -20,7 +20,8 @@ from mokd.config import MOKDConfig, save_config, to_yaml
 from mokd.data import (MultiCropTransform, build_train_loader, data_statistics, dataset_for, limit_size, loader_statistics,
                        shard_train_loader)
 from mokd.engine.collapse_watch import CollapseWatch, step0_name
-from mokd.engine.checkpoint import META_FILE, TEACHERS_FILE, CheckpointError, CheckpointManager, Finish, save_torch
+from mokd.engine.checkpoint import (META_FILE, RNG_DIR, TEACHERS_FILE, CheckpointError, CheckpointManager, Finish,
+                                   read_checkpoint_file, save_torch)
 from mokd.engine.distributed import (CentreSync, World, all_gather_objects, all_reduce_mean, all_reduce_sum, any_rank,
                                      broadcast_object, collective, init_world)
 from mokd.engine.guard import StepGuard, non_finite_flags, non_finite_module
@@ -384,8 +385,8 @@ class Trainer:
 
         def write(directory: Path) -> Finish:
             writing = self.strategy.save(directory, background)
-            (directory / "rng").mkdir(exist_ok=True)
-            save_torch(rng_state(), directory / "rng" / f"rank_{self.world.rank}.pt")
+            (directory / RNG_DIR).mkdir(exist_ok=True)
+            save_torch(rng_state(), directory / RNG_DIR / f"rank_{self.world.rank}.pt")
             if self.world.is_main:
                 save_torch({
                     "step": self.step,
@@ -418,7 +419,7 @@ class Trainer:
         if saved_with != loading_with:
             raise CheckpointError(f"{directory} was written by parallel.strategy={meta['strategy']} ({saved_with} "
                                   f"format) and cannot be resumed with parallel.strategy={self.strategy.name}")
-        rng_file = directory / "rng" / f"rank_{self.world.rank}.pt"
+        rng_file = directory / RNG_DIR / f"rank_{self.world.rank}.pt"
         if self.world.rank < meta["world_size"] and not rng_file.exists():
             raise CheckpointError(f"checkpoint file {rng_file} is missing: rank {self.world.rank} of the "
                                   f"{meta['world_size']} that wrote {directory.name} saved its RNG state there, and "
@@ -429,7 +430,7 @@ class Trainer:
         # (checkpoints written before the key existed: measured again at the first step after the resume)
         self.collapse_watch.set_baseline(meta.get("collapse_step0", {}))
         if rng_file.exists():
-            restore_rng_state(torch.load(rng_file, weights_only=False))
+            restore_rng_state(read_checkpoint_file(rng_file))
         else:  # a rank the saving run did not have (resumed on more processes)
             seed_rng_for_rank(self.config.train.seed, meta["step"], self.world.rank)
         self.step = meta["step"]

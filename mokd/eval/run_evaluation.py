@@ -288,44 +288,53 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def load_run(run_dir: Path, overrides: Optional[list[str]] = None) -> tuple[MOKDConfig, tuple[Network, Network], int]:
-    """A run's resolved config and its newest complete checkpoint's teachers, on CPU."""
+def load_run(run_dir: Path, overrides: Optional[list[str]] = None,
+             checkpoint: Optional[str] = None) -> tuple[MOKDConfig, tuple[Network, Network], int]:
+    """A run's resolved config and the teachers of its newest checkpoint that verifies (older ones after a
+    warning, as a resume does) or of `checkpoint` ("step_N"), on CPU."""
     config_file = Path(run_dir) / "config.yaml"
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} not found: is {run_dir} a mokd run directory?")
     config = load_config(str(config_file), [f"run_dir={run_dir}", *(overrides or [])])
-    latest = CheckpointManager(Path(run_dir), config.checkpoint.keep_last).latest()
-    if latest is None:
+    read = {}
+
+    def load(directory: Path) -> None:
+        read.update(meta=CheckpointManager.load_meta(directory), teachers=load_teachers_file(directory))
+
+    manager = CheckpointManager(Path(run_dir), config.checkpoint.keep_last)
+    if manager.resume(load, fallback=True, is_main=True, choice=checkpoint) is None:
         raise FileNotFoundError(f"no complete checkpoint under {Path(run_dir) / 'checkpoints'}")
-    meta = CheckpointManager.load_meta(latest)
     train_set = eval_dataset(config, "train")
     _, teachers = build_pair(config, train_set.channels)
-    for teacher, teacher_state in zip(teachers, load_teachers_file(latest)):
+    for teacher, teacher_state in zip(teachers, read["teachers"]):
         teacher.load_state_dict(teacher_state)
-    return config, teachers, meta["step"]
+    return config, teachers, read["meta"]["step"]
 
 
-def evaluate_knn_command(run_dir: Path, overrides: Optional[list[str]] = None) -> dict:
-    config, teachers, step = load_run(run_dir, overrides)
+def evaluate_knn_command(run_dir: Path, overrides: Optional[list[str]] = None,
+                         checkpoint: Optional[str] = None) -> dict:
+    config, teachers, step = load_run(run_dir, overrides, checkpoint)
     device = resolve_device(config.train.device)
     return evaluate_run(config, tuple(t.to(device) for t in teachers), device, step)
 
 
-def evaluate_linear_command(run_dir: Path, overrides: Optional[list[str]] = None) -> dict:
-    config, teachers, step = load_run(run_dir, overrides)
+def evaluate_linear_command(run_dir: Path, overrides: Optional[list[str]] = None,
+                            checkpoint: Optional[str] = None) -> dict:
+    config, teachers, step = load_run(run_dir, overrides, checkpoint)
     device = resolve_device(config.train.device)
     return evaluate_linear(config, tuple(t.to(device) for t in teachers), device, step)
 
 
-def evaluate_finetune_command(run_dir: Path, fraction: float, overrides: Optional[list[str]] = None) -> dict:
-    config, teachers, step = load_run(run_dir, overrides)
+def evaluate_finetune_command(run_dir: Path, fraction: float, overrides: Optional[list[str]] = None,
+                              checkpoint: Optional[str] = None) -> dict:
+    config, teachers, step = load_run(run_dir, overrides, checkpoint)
     device = resolve_device(config.train.device)
     return evaluate_finetune(config, tuple(t.to(device) for t in teachers), device, step, fraction)
 
 
 def analyse_command(run_dir: Path, reference_run: Optional[Path] = None,
-                    overrides: Optional[list[str]] = None) -> dict:
-    config, teachers, step = load_run(run_dir, overrides)
+                    overrides: Optional[list[str]] = None, checkpoint: Optional[str] = None) -> dict:
+    config, teachers, step = load_run(run_dir, overrides, checkpoint)
     device = resolve_device(config.train.device)
     reference = None
     if reference_run is not None:

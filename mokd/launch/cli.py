@@ -1,4 +1,5 @@
-"""The `mokd` command line: train, eval (knn, linear, finetune, analyse), export, shards, plan, bench, presets, config."""
+"""The `mokd` command line: train, eval (knn, linear, finetune, analyse), export, convert-run, shards, plan, bench,
+presets, config."""
 
 from __future__ import annotations
 
@@ -42,7 +43,13 @@ def _names(text: str) -> list[str]:
 def add_run_arguments(parser: argparse.ArgumentParser, example_override: str) -> None:
     """--run DIR and key=value overrides, shared by the commands that read a finished run."""
     parser.add_argument("--run", required=True, type=Path, help="run directory (holds config.yaml, checkpoints/)")
+    add_checkpoint_argument(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"overrides, e.g. {example_override}")
+
+
+def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default=None, metavar="step_N",
+                        help="this checkpoint of the run (default: the newest one that verifies)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     protocols = evaluate.add_subparsers(dest="protocol", required=True)
     knn = protocols.add_parser(
         "knn", formatter_class=_formatter, help="weighted k-NN (cosine, k=20, T=0.07) of both teachers",
-        description="k-NN top-1 of both teacher backbones of the newest complete checkpoint of a run, next to "
-                    "the same networks untrained; written to RUN/results.json.")
+        description="k-NN top-1 of both teacher backbones of the newest checkpoint of a run that verifies, next "
+                    "to the same networks untrained; written to RUN/results.json.")
     add_run_arguments(knn, "eval.knn_k=10")
 
     linear = protocols.add_parser(
@@ -99,14 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export", formatter_class=_formatter, help="write a teacher backbone as a timm or detectron2 checkpoint",
-        description="Write teacher backbone 1 or 2 of a run's newest checkpoint: --format timm, a plain state "
-                    "dict loading with strict=True into timm.create_model(name, num_classes=0, ...) (the "
+        description="Write teacher backbone 1 or 2 of a run's newest checkpoint that verifies: --format timm, a "
+                    "plain state dict loading with strict=True into timm.create_model(name, num_classes=0, ...) (the "
                     "small-image ResNet needs its stock conv1/maxpool replaced as in mokd/eval/export.py); "
                     "--format detectron2, a pickled detectron2 ResNet checkpoint.")
     export.add_argument("--run", required=True, type=Path, help="run directory")
     export.add_argument("--model", required=True, type=int, choices=(1, 2), help="which model of the pair")
     export.add_argument("--format", required=True, choices=("timm", "detectron2"), help="checkpoint format")
     export.add_argument("--out", required=True, type=Path, help="output file")
+    add_checkpoint_argument(export)
+
+    convert = commands.add_parser(
+        "convert-run", formatter_class=_formatter, help="rewrite an older run directory's checkpoints safely",
+        description="mokd reads its checkpoint files as tensors and plain values only (torch.load with "
+                    "weights_only=True), so a run directory it did not write cannot run code. Run directories "
+                    "written before that hold arbitrary pickles; this loads them in full once (which runs any "
+                    "code they hold: only with --trust) and rewrites them, checksums included.")
+    convert.add_argument("--run", required=True, type=Path, help="run directory")
+    convert.add_argument("--trust", action="store_true",
+                         help="you wrote this run directory (or trust whoever did): unpickling it may run code")
 
     shards = commands.add_parser(
         "shards", formatter_class=_formatter, help="write WebDataset tar shards and their manifest",
@@ -213,26 +231,36 @@ def train_command(preset: str, overrides: list[str], show_progress: bool) -> int
 def eval_command(args: argparse.Namespace) -> int:
     from mokd.eval import run_evaluation
 
+    run, overrides, checkpoint = args.run, args.overrides, args.checkpoint
     if args.protocol == "knn":
-        print(run_evaluation.format_table(run_evaluation.evaluate_knn_command(args.run, args.overrides)))
+        print(run_evaluation.format_table(run_evaluation.evaluate_knn_command(run, overrides, checkpoint)))
     elif args.protocol == "linear":
-        print(run_evaluation.format_table(run_evaluation.evaluate_linear_command(args.run, args.overrides)))
+        print(run_evaluation.format_table(run_evaluation.evaluate_linear_command(run, overrides, checkpoint)))
     elif args.protocol == "finetune":
-        results = run_evaluation.evaluate_finetune_command(args.run, args.fraction, args.overrides)
+        results = run_evaluation.evaluate_finetune_command(run, args.fraction, overrides, checkpoint)
         print(run_evaluation.format_table(results))
     else:
-        print(run_evaluation.format_analysis(run_evaluation.analyse_command(args.run, args.reference_run, args.overrides)))
+        results = run_evaluation.analyse_command(run, args.reference_run, overrides, checkpoint)
+        print(run_evaluation.format_analysis(results))
     return 0
 
 
-def export_command(run_dir: Path, model: int, fmt: str, out: Path) -> int:
+def export_command(run_dir: Path, model: int, fmt: str, out: Path, checkpoint: Optional[str] = None) -> int:
     from mokd.eval.export import export_backbone
     from mokd.eval.run_evaluation import load_run
 
-    config, teachers, step = load_run(run_dir)
+    config, teachers, step = load_run(run_dir, checkpoint=checkpoint)
     model_config = (config.model1, config.model2)[model - 1]
     path = export_backbone(teachers[model - 1].backbone.net, model_config, out, fmt)
     print(f"model{model} ({model_config.backbone}) teacher backbone after {step} steps -> {path} ({fmt})")
+    return 0
+
+
+def convert_run_command(run_dir: Path, trust: bool) -> int:
+    from mokd.engine.checkpoint import convert_run
+
+    for line in convert_run(run_dir, trust):
+        print(line)
     return 0
 
 
@@ -276,7 +304,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "eval":
             return eval_command(args)
         if args.command == "export":
-            return export_command(args.run, args.model, args.format, args.out)
+            return export_command(args.run, args.model, args.format, args.out, args.checkpoint)
+        if args.command == "convert-run":
+            return convert_run_command(args.run, args.trust)
         if args.command == "plan":
             return plan_command(args)
         if args.command == "shards":
