@@ -38,14 +38,12 @@ def literal_sinkhorn64(teacher, tau, iterations=3):
     return (q * rows).t()
 
 
-def make_case(case, dtype=torch.float32, device="cpu", seed=0):
-    """Random student logits and targets; returns (student, targets, literal (total, losses, grad, colsums, H))."""
+def make_targets(case, gen, dtype=torch.float32, device="cpu"):
+    """The case's random targets (teacher logits, or Sinkhorn-Knopp log-targets at temperature 1)."""
     from mokd.kernels.fused_terms import DinoTarget
 
     n_crops, batch, k, specs = case
-    gen = torch.Generator().manual_seed(seed)
-    student = (torch.randn(n_crops * batch, k, generator=gen) * 3.0).to(dtype).to(device).requires_grad_(True)
-    targets, literal = [], []
+    targets = []
     for views, pairing, with_centre, sinkhorn, first, weight in specs:
         if pairing == "one_to_one":
             term_rows, term_batch = slice(first * batch, n_crops * batch), (n_crops - first) * batch
@@ -57,14 +55,24 @@ def make_case(case, dtype=torch.float32, device="cpu", seed=0):
         tau_t = TAU_T
         if sinkhorn:  # the objective passes log-targets at temperature 1, no centre
             teacher, tau_t = literal_sinkhorn64(teacher, TAU_T).clamp(min=1e-30).log().float(), 1.0
-        teacher = teacher.to(dtype).to(device)
-        centre = None if centre is None else centre.to(device)
-        targets.append(DinoTarget(teacher, centre, tau_t, term_batch, pairing, term_rows, weight))
-        loss, grad, colsum, entropy = literal_dino64(student[term_rows], teacher, centre, term_batch, pairing,
-                                                     tau_t=tau_t)
+        targets.append(DinoTarget(teacher.to(dtype).to(device), None if centre is None else centre.to(device),
+                                  tau_t, term_batch, pairing, term_rows, weight))
+    return targets
+
+
+def make_case(case, dtype=torch.float32, device="cpu", seed=0):
+    """Random student logits and targets; returns (student, targets, literal (total, losses, grad, colsums, H))."""
+    n_crops, batch, k, _ = case
+    gen = torch.Generator().manual_seed(seed)
+    student = (torch.randn(n_crops * batch, k, generator=gen) * 3.0).to(dtype).to(device).requires_grad_(True)
+    targets = make_targets(case, gen, dtype, device)
+    literal = []
+    for t in targets:
+        loss, grad, colsum, entropy = literal_dino64(student[t.rows], t.teacher, t.centre, t.batch_size, t.pairing,
+                                                     tau_t=t.temperature)
         full = torch.zeros(student.shape, dtype=torch.float64, device=device)
-        full[term_rows] = grad
-        literal.append((weight, loss, full, colsum, entropy))
+        full[t.rows] = grad
+        literal.append((t.weight, loss, full, colsum, entropy))
     total = sum(w * loss for w, loss, *_ in literal)
     grad = sum(w * g for w, _, g, *_ in literal)
     return student, targets, (total, torch.stack([x[1] for x in literal]), grad,

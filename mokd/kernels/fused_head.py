@@ -1,0 +1,150 @@
+"""The head's last layer fused with every DINO term that reads its output: the [rows, K] student logits never exist.
+
+The student logits are s = x W^T, x [rows, d] the head's last-layer input, W [K, d] its (weight-normalised)
+weight. With the notation of ``fused_terms`` (terms t, pair weights w_u^t, Y_u^t = sum_{v paired with u} p_v^t):
+
+    loss_t = 1 / (n_t B_t) * sum_{u,b} [ w_u^t lse(s_ub / tau_s) - <Y_ub^t W, x_ub> / tau_s ]
+
+The log-sum-exp is taken over tiles of K columns with an online merge (lse <- logaddexp(lse, lse(tile))), and the
+cross term needs only PW_v = p_v W ([teacher rows, d]), accumulated tile by tile from the teacher, which exists
+(its logits carry no gradient and have 2 views, not 2 + 10 crops). The backward recomputes each tile:
+
+    G = dL/ds = sum_t c_t (w^t softmax(s / tau_s) - Y^t),   c_t = dL/dloss_t / (tau_s n_t B_t)
+    dL/dx = (a * softmax) W - sum_t c_t Y^t W          (a_r = sum_t c_t w_r^t; Y^t W from PW, small)
+    dL/dW[tile] = (a * softmax[tile])^T x - sum_t c_t p^t[tile]^T X^t      (X_v^t = sum_{u paired with v} x_u)
+
+so memory beyond the inputs is O((rows + teacher rows) * tile) for the tiles and [K, d] for dW. Statistics are
+fp32 (fp64 inputs stay fp64); autocast is off inside, so the tiles' matmuls run in that precision.
+
+This file holds the torch path (CPU, and any device). The teacher side (lse, entropy, column sums) uses the same
+definitions as ``dino_cross_entropy``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mokd.kernels.dino_cross_entropy import _accumulation_dtype
+from mokd.kernels.fused_terms import DinoTarget, FusedTermsOutput, _Term, resolve_terms
+
+# Columns per tile: about this many elements for the widest tile ([rows, tile] student or teacher block), so the
+# fp32 temporaries stay a few MiB whatever K is.
+_TILE_ELEMENTS = 1 << 18
+
+
+def _tiles(k: int, rows: int):
+    width = max(16, _TILE_ELEMENTS // max(rows, 1))
+    for k0 in range(0, k, width):
+        yield slice(k0, min(k0 + width, k))
+
+
+def _pairing(layout, dtype, device) -> torch.Tensor:
+    """M [S, T]: M[u, v] = 1 when student crop u is paired with teacher view v."""
+    m = torch.ones(layout.student, layout.teacher, dtype=dtype, device=device)
+    if layout.exclude_same:
+        n = min(layout.student, layout.teacher)
+        m[torch.arange(n), torch.arange(n)] = 0
+    return m
+
+
+def _teacher_z(target: DinoTarget, tile: slice, acc: torch.dtype) -> torch.Tensor:
+    """(t - c) / tau_t on a tile of columns: a new tensor (the caller may modify it in place)."""
+    z = target.teacher[:, tile].to(acc)
+    if target.centre is not None:
+        z = z - target.centre[tile].to(acc)
+    return z * (1.0 / target.temperature)
+
+
+class _FusedHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, tau_s, targets, terms):
+        acc = _accumulation_dtype(x)
+        xa, wa = x.to(acc), weight.to(acc)
+        rows, k = x.shape[0], weight.shape[0]
+        widest = max([rows] + [t.teacher.shape[0] for t in targets])
+        lse_s = torch.full((rows,), float("-inf"), dtype=acc, device=x.device)
+        for tile in _tiles(k, widest):
+            lse_s = torch.logaddexp(lse_s, torch.logsumexp(xa @ wa[tile].T * (1.0 / tau_s), dim=1))
+        losses, column_sums, entropies, lse_ts, projected, gathered = [], [], [], [], [], []
+        for target, term in zip(targets, terms):
+            layout = term.layout
+            S, T, B = layout.student, layout.teacher, layout.batch
+            lse_t = torch.full((T * B,), float("-inf"), dtype=acc, device=x.device)
+            column_sum = torch.empty(k, dtype=acc, device=x.device)
+            for tile in _tiles(k, widest):
+                lse_t = torch.logaddexp(lse_t, torch.logsumexp(_teacher_z(target, tile, acc), dim=1))
+                column_sum[tile] = target.teacher[:, tile].to(acc).sum(dim=0)
+            entropy = torch.zeros(T * B, dtype=acc, device=x.device)
+            pw = torch.zeros(T * B, x.shape[1], dtype=acc, device=x.device)
+            for tile in _tiles(k, widest):
+                log_p = _teacher_z(target, tile, acc).sub_(lse_t[:, None])
+                p = log_p.exp()
+                entropy -= (p * log_p).sum(dim=1)
+                pw += p @ wa[tile]
+            m = _pairing(layout, acc, x.device)
+            x_t = xa[term.start:term.stop].view(S, B, -1)
+            yw = torch.einsum("uv,vbd->ubd", m, pw.view(T, B, -1))  # Y_u W for every crop u
+            lse_term = lse_s[term.start:term.stop].view(S, B)
+            loss = (torch.dot(m.sum(dim=1), lse_term.sum(dim=1)) - (yw * x_t).sum() / tau_s) / (layout.n_pairs * B)
+            losses.append(loss)
+            column_sums.append(column_sum)
+            entropies.append(entropy.mean())
+            lse_ts.append(lse_t)
+            projected.append(yw.reshape(S * B, -1))
+            gathered.append(torch.einsum("uv,ubd->vbd", m, x_t).reshape(T * B, -1))  # X_v: sum of paired x_u
+        ctx.save_for_backward(x, weight, lse_s, *lse_ts, *projected, *gathered)
+        ctx.tau_s, ctx.targets, ctx.terms = tau_s, targets, terms
+        losses, column_sums, entropies = torch.stack(losses), torch.stack(column_sums), torch.stack(entropies)
+        ctx.mark_non_differentiable(column_sums, entropies)
+        return losses, column_sums, entropies
+
+    @staticmethod
+    def backward(ctx, grad_losses, _grad_column_sums, _grad_entropies):
+        x, weight, lse_s, *saved = ctx.saved_tensors
+        targets, terms, tau_s = ctx.targets, ctx.terms, ctx.tau_s
+        n = len(terms)
+        lse_ts, projected, gathered = saved[:n], saved[n:2 * n], saved[2 * n:]
+        acc = lse_s.dtype
+        xa, wa = x.to(acc), weight.to(acc)
+        rows, k = x.shape[0], weight.shape[0]
+        coefs = [grad_losses[i].to(acc) / (tau_s * term.layout.n_pairs * term.layout.batch)
+                 for i, term in enumerate(terms)]
+        a = torch.zeros(rows, dtype=acc, device=x.device)  # a_r = sum_t c_t w_r^t
+        grad_x = torch.zeros(rows, x.shape[1], dtype=acc, device=x.device)
+        for term, coef, yw in zip(terms, coefs, projected):
+            layout = term.layout
+            w = torch.tensor(layout.pair_weights(), dtype=acc, device=x.device)
+            a[term.start:term.stop] += (coef * w).repeat_interleave(layout.batch)
+            grad_x[term.start:term.stop] -= coef * yw
+        grad_w = torch.empty(k, x.shape[1], dtype=acc, device=x.device)
+        widest = max([rows] + [t.teacher.shape[0] for t in targets])
+        for tile in _tiles(k, widest):
+            weighted = (xa @ wa[tile].T).mul_(1.0 / tau_s).sub_(lse_s[:, None]).exp_().mul_(a[:, None])
+            grad_x += weighted @ wa[tile]
+            grad_w[tile] = weighted.T @ xa
+            for target, coef, lse_t, x_v in zip(targets, coefs, lse_ts, gathered):
+                p = _teacher_z(target, tile, acc).sub_(lse_t[:, None]).exp_()
+                grad_w[tile] -= coef * (p.T @ x_v)
+        return grad_x.to(x.dtype), grad_w.to(weight.dtype), None, None, None
+
+
+def fused_head(features: torch.Tensor, weight: torch.Tensor, student_temperature: float,
+               targets: list[DinoTarget]) -> FusedTermsOutput:
+    """Every DINO term reading the logits ``features @ weight.T`` ([rows, d] @ [d, K]), without building them.
+
+    Same contract as ``fused_terms`` (targets read row ranges of the logits; weighted total with the gradient,
+    detached per-term losses, teacher column sums and mean entropies), with the gradient flowing to ``features``
+    and ``weight``. Teachers and centres are treated as detached. Raises ValueError as ``dino_cross_entropy``.
+    """
+    if features.dim() != 2 or weight.dim() != 2 or features.shape[1] != weight.shape[1]:
+        raise ValueError(f"fused_head: features [rows, d] and weight [K, d] must agree, got "
+                         f"{tuple(features.shape)} and {tuple(weight.shape)}")
+    terms: list[_Term] = resolve_terms(features.shape[0], weight.shape[0], features.dtype, student_temperature,
+                                       targets)
+    targets = [t._replace(teacher=t.teacher.detach(), centre=None if t.centre is None else t.centre.detach())
+               for t in targets]
+    with torch.autocast(features.device.type, enabled=False):
+        losses, column_sums, entropies = _FusedHead.apply(features, weight, float(student_temperature), targets,
+                                                          terms)
+    weights = torch.tensor([float(t.weight) for t in targets], dtype=losses.dtype, device=losses.device)
+    return FusedTermsOutput((losses * weights).sum(), losses.detach(), column_sums, entropies)

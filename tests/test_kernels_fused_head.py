@@ -1,0 +1,89 @@
+"""loss.fused_head: the weight-normalised last layer fused with the DINO terms, against float64 literals.
+
+The reference builds the full [rows, K] logits x W^T in float64, takes DINO's loop over pairs with softmax and
+log-softmax over all K, and differentiates it with autograd to x and W.
+"""
+
+import pytest
+import torch
+
+from test_kernels_dino_ce import TAU_S, case_seed
+from test_kernels_fused_terms import CASES, make_targets
+
+
+def literal_head64(x, weight, targets):
+    """(total, losses, colsums, entropies, dx, dW) of the weighted DINO terms on logits x W^T, in float64."""
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = weight.detach().double().requires_grad_(True)
+    logits = x64 @ w64.T
+    losses, colsums, entropies = [], [], []
+    for t in targets:
+        teacher = t.teacher.double()
+        z = (teacher - t.centre.double() if t.centre is not None else teacher) / t.temperature
+        p = torch.softmax(z, dim=-1)
+        log_q = torch.log_softmax(logits[t.rows] / TAU_S, dim=-1)
+        b = t.batch_size
+        n_s, n_t = log_q.shape[0] // b, p.shape[0] // b
+        if t.pairing == "one_to_one":
+            pairs = [(r, r) for r in range(n_s)]
+        else:
+            pairs = [(v, u) for v in range(n_t) for u in range(n_s) if u != v]
+        ces = [(-(p[v * b:(v + 1) * b] * log_q[u * b:(u + 1) * b]).sum(dim=-1)).mean() for v, u in pairs]
+        losses.append(torch.stack(ces).mean())
+        colsums.append(teacher.sum(dim=0))
+        entropies.append((-torch.special.xlogy(p, p)).sum(dim=-1).mean())  # 0 log 0 = 0
+    total = sum(t.weight * loss for t, loss in zip(targets, losses))
+    dx, dw = torch.autograd.grad(total, (x64, w64))
+    return total.detach(), torch.stack(losses).detach(), torch.stack(colsums), torch.stack(entropies), dx, dw
+
+
+def run_fused_head(case, dtype, seed, tile_elements=None, monkeypatch=None):
+    import importlib
+
+    from mokd.kernels import fused_head
+
+    if tile_elements is not None:
+        # (the package exports the function under the module's name: fetch the module itself)
+        monkeypatch.setattr(importlib.import_module("mokd.kernels.fused_head"), "_TILE_ELEMENTS", tile_elements)
+    n_crops, batch, k, _ = case
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(n_crops * batch, 24, generator=gen), dim=-1)
+    x = x.to(dtype).requires_grad_(True)
+    weight = (torch.randn(k, 24, generator=gen) * 3.0).to(dtype).requires_grad_(True)
+    targets = make_targets(case, gen, dtype)
+    out = fused_head(x, weight, TAU_S, targets)
+    out.total.backward()
+    return out, x, weight, targets
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"S{c[0]}B{c[1]}K{c[2]}x{len(c[3])}")
+@pytest.mark.parametrize("tile_elements", [None, 64])
+def test_fused_head_matches_literal_float64(case, tile_elements, monkeypatch):
+    """Exact in float64, with the default tiles and with tiles of 16 columns (many online merges)."""
+    out, x, weight, targets = run_fused_head(case, torch.float64, case_seed(case, "head"), tile_elements,
+                                             monkeypatch)
+    total, losses, colsums, entropies, dx, dw = literal_head64(x, weight, targets)
+    tol = {"rtol": 1e-10, "atol": 1e-12}
+    torch.testing.assert_close(out.total, total, **tol)
+    torch.testing.assert_close(out.losses, losses, **tol)
+    torch.testing.assert_close(out.teacher_column_sums, colsums, **tol)
+    torch.testing.assert_close(out.teacher_entropies, entropies, **tol)
+    torch.testing.assert_close(x.grad, dx, **tol)
+    torch.testing.assert_close(weight.grad, dw, **tol)
+    assert all(t.teacher.grad is None for t in targets)
+
+
+def test_fused_head_float32_close_to_literal():
+    case = CASES[1]
+    out, x, weight, targets = run_fused_head(case, torch.float32, 3)
+    total, _, _, _, dx, dw = literal_head64(x, weight, targets)
+    torch.testing.assert_close(out.total.double(), total, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), dx, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weight.grad.double(), dw, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_head_rejects_mismatched_shapes():
+    from mokd.kernels import fused_head
+
+    with pytest.raises(ValueError, match="must agree"):
+        fused_head(torch.randn(4, 8), torch.randn(10, 7), TAU_S, [])
