@@ -153,6 +153,12 @@ class LossConfig:
                            "paper) | sinkhorn_knopp (DINOv2/v3: equipartition over the global batch)")
     sinkhorn_iterations: int = option(3, "Sinkhorn-Knopp normalisation rounds (loss.centring=sinkhorn_knopp)",
                                       AT_LEAST_ONE)
+    fused_terms: bool = option(False, "compute every DINO term that reads one student tensor (L_sm + L_cm, "
+                               "L_st + L_ct) in one pass: one Triton kernel and one gradient on CUDA; per term "
+                               "on CPU (the same numbers)")
+    fused_head: bool = option(False, "fuse each student head's weight-normalised last layer with its DINO terms "
+                              "over tiles of K, so the [crops*batch, K] student logits and their gradient never "
+                              "exist (backward recomputes the tiles; every strategy)")
 
 
 @dataclass

@@ -34,9 +34,12 @@ class WeightNormLinear(nn.Module):
         nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))  # what nn.Linear.reset_parameters does
         self.weight_g = nn.Parameter(torch.ones(out_features, 1), requires_grad=trainable_norm)
 
+    def effective_weight(self) -> torch.Tensor:
+        """W = g * v / ||v||, [out, in]: what loss.fused_head multiplies with tile by tile."""
+        return self.weight_g * F.normalize(self.weight_v, dim=1)
+
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        weight = self.weight_g * F.normalize(self.weight_v, dim=1)
-        return F.linear(inputs, weight)
+        return F.linear(inputs, self.effective_weight())
 
 
 class MLPHead(nn.Module):
@@ -59,8 +62,12 @@ class MLPHead(nn.Module):
         self.mlp.apply(_init_linear)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, trainable_norm)
 
+    def features(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The last layer's input: the L2-normalised bottleneck, [rows, bottleneck]."""
+        return F.normalize(self.mlp(pooled), dim=-1)
+
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(F.normalize(self.mlp(pooled), dim=-1))
+        return self.last_layer(self.features(pooled))
 
 
 class SelfAttention(nn.Module):
@@ -128,7 +135,9 @@ class THead(nn.Module):
         resized = F.interpolate(base, size=grid, mode="bicubic", align_corners=False)
         return resized.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
 
-    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], query: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def features(self, tokens: torch.Tensor, grid: tuple[int, int],
+                 query: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The last layer's input: the mean of the normalised output tokens, [rows, D]."""
         hidden = self.proj(tokens) + self.positional_embedding(grid)
         if query is not None:
             hidden = torch.cat([query.unsqueeze(1).to(hidden.dtype), hidden], dim=1)
@@ -137,4 +146,7 @@ class THead(nn.Module):
         hidden = self.norm(hidden)
         if query is not None:
             hidden = hidden[:, 1:]
-        return self.last_layer(hidden.mean(dim=1))
+        return hidden.mean(dim=1)
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], query: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.last_layer(self.features(tokens, grid, query))

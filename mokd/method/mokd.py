@@ -13,6 +13,11 @@ Each term may carry a per-model multiplier (modelN.term_weights; 1 unless set, 0
 With loss.centring=sinkhorn_knopp the targets of L_sm, L_st, L_cm are Sinkhorn-Knopp equipartitions of the
 teacher logits over the global batch instead of softmax((t - c) / tau_t) (method/centring.py).
 
+With loss.fused_terms, the terms that read one student tensor (L_sm and L_cm read h_i's logits, L_st and L_ct
+g_i's) are computed together in one pass (kernels/fused_terms.py); with loss.fused_head, the students' forwards stop
+before each head's last layer and that layer is fused with those terms (kernels/fused_head.py), so the student
+logits never exist. Both give the same losses and gradients as the per-term path.
+
 Every target and every query is computed without gradient, so L_1 depends only on student 1 and L_2
 only on student 2: one backward of L_1 + L_2 trains both.
 """
@@ -27,13 +32,15 @@ import torch
 from torch import nn
 
 from mokd.config import LOSS_TERMS
-from mokd.kernels import DinoCrossEntropyOutput, dino_cross_entropy, ema_
+from mokd.kernels import DinoCrossEntropyOutput, DinoTarget, dino_cross_entropy, ema_, fused_head, fused_terms
 from mokd.method.centring import ReduceSum, no_reduction, sinkhorn_knopp
 from mokd.method.koleo import koleo_loss
 from mokd.method.network import NetworkOutput, search_request, searched_rows
 
 TERMS = LOSS_TERMS
 CENTRED_TERMS = ("sm", "st", "cm")
+# The terms that read each student tensor (h_i's logits, g_i's logits): what loss.fused_terms / fused_head group.
+HEAD_TERMS = {"mlp": ("sm", "cm"), "thead": ("st", "ct")}
 
 
 @dataclass(frozen=True)
@@ -110,22 +117,21 @@ class MOKDObjective:
                     "cm": self.config.cross_mlp, "ct": self.config.cross_search}
         return [term for term in TERMS if switches[term] and self.weight(model, term) > 0]
 
-    def _dino(self, student: torch.Tensor, teacher: torch.Tensor, centre: Optional[torch.Tensor],
-              temperatures: Temperatures, teacher_temperature: float, batch_size: int,
-              pairing: str = "dino") -> DinoCrossEntropyOutput:
+    def _target(self, teacher: torch.Tensor, centre: Optional[torch.Tensor], teacher_temperature: float,
+                batch_size: int, weight: float, pairing: str = "dino", rows: slice = slice(None)) -> DinoTarget:
         if centre is not None and self.config.centring == "sinkhorn_knopp":
             # The kernel takes logits: log p at temperature 1 gives back p exactly under its softmax.
             targets = sinkhorn_knopp(teacher, teacher_temperature, self.config.sinkhorn_iterations, self.reduce_sum)
             # (in the logits' own dtype, as every kernel expects: the same precision the centred path reads)
             teacher, centre, teacher_temperature = targets.clamp(min=1e-30).log().to(teacher.dtype), None, 1.0
-        return dino_cross_entropy(student, teacher, centre, temperatures.student, teacher_temperature,
-                                  batch_size, pairing=pairing, impl=self.config.kernel)
+        return DinoTarget(teacher, centre, teacher_temperature, batch_size, pairing, rows, weight)
 
     def __call__(self, students: tuple[Callable, Callable], teachers: tuple[Callable, Callable], centres: Centres,
                  crops: list[torch.Tensor], temperatures: tuple[Temperatures, Temperatures]) -> StepLosses:
         batch_size, n_crops = crops[0].shape[0], len(crops)
         with self.phase("student_forward"):
-            student_outs = [student(crops) for student in students]
+            # (with loss.fused_head the students stop before their heads' last layers: see network.HeadInput)
+            student_outs = [student(crops, head_logits=not self.config.fused_head) for student in students]
         with self.phase("teacher_forward"), torch.no_grad():
             teacher_outs = [teacher(crops[:2]) for teacher in teachers]
         # L_ct,i: student i's queries search teacher j's global token maps through teacher j's T-Head.
@@ -150,27 +156,56 @@ class MOKDObjective:
             j = 1 - i
             mine, own_teacher, other_teacher = student_outs[i], teacher_outs[i], teacher_outs[j]
             temps = temperatures[i]
-            results: dict[str, DinoCrossEntropyOutput] = {}
-            for term in self.active_terms(i):
-                if term == "sm":
-                    results[term] = self._dino(mine.mlp_logits, own_teacher.mlp_logits, centres.get(i, "sm"),
-                                               temps, temps.teacher_self, batch_size)
-                elif term == "st":
-                    results[term] = self._dino(mine.thead_logits, own_teacher.thead_logits, centres.get(i, "st"),
-                                               temps, temps.teacher_self, batch_size)
+            active = self.active_terms(i)
+            targets = {}
+            for term in active:
+                weight = self.weight(i, term)
+                if term in ("sm", "st"):
+                    logits = own_teacher.mlp_logits if term == "sm" else own_teacher.thead_logits
+                    targets[term] = self._target(logits, centres.get(i, term), temps.teacher_self,
+                                                 batch_size, weight)
                 elif term == "cm":
-                    results[term] = self._dino(mine.mlp_logits, other_teacher.mlp_logits, centres.get(i, "cm"),
-                                               temps, temps.teacher_cross, batch_size)
+                    targets[term] = self._target(other_teacher.mlp_logits, centres.get(i, "cm"),
+                                                 temps.teacher_cross, batch_size, weight)
                 else:
-                    results[term] = self._dino(mine.thead_logits[rows], search_logits[i], None, temps,
-                                               temps.teacher_cross, batch_size, pairing="one_to_one")
+                    targets[term] = DinoTarget(search_logits[i], None, temps.teacher_cross, batch_size,
+                                               "one_to_one", rows, weight)
+            # term -> (loss, teacher column sum, teacher entropy); `fused` holds the totals of fused groups.
+            results: dict[str, DinoCrossEntropyOutput] = {}
+            fused = []
+            for head, names in HEAD_TERMS.items():
+                names = [term for term in names if term in targets]
+                if not names:
+                    continue
+                group = [targets[term] for term in names]
+                if self.config.fused_head:
+                    head_input = mine.mlp_input if head == "mlp" else mine.thead_input
+                    out = fused_head(head_input.features, head_input.weight, temps.student, group)
+                elif self.config.fused_terms:
+                    logits = mine.mlp_logits if head == "mlp" else mine.thead_logits
+                    out = fused_terms(logits, temps.student, group, impl=self.config.kernel)
+                else:
+                    logits = mine.mlp_logits if head == "mlp" else mine.thead_logits
+                    for term, t in zip(names, group):
+                        results[term] = dino_cross_entropy(logits[t.rows], t.teacher, t.centre, temps.student,
+                                                           t.temperature, t.batch_size, pairing=t.pairing,
+                                                           impl=self.config.kernel)
+                    continue
+                fused.append(out.total)
+                for n, term in enumerate(names):
+                    results[term] = DinoCrossEntropyOutput(out.losses[n], out.teacher_column_sums[n],
+                                                           out.teacher_entropies[n])
             total = torch.zeros((), device=centres.values.device)
             if self.koleo_weights[i] > 0:  # on each global crop's pooled student features, as DINOv2
                 koleo = sum(koleo_loss(crop) for crop in mine.pooled[:2 * batch_size].split(batch_size)) / 2
                 total = total + self.koleo_weights[i] * koleo
                 terms[f"model{i + 1}/koleo"] = koleo.detach()
-            for term, result in results.items():
-                total = total + self.weight(i, term) * result.loss
+            for group_total in fused:
+                total = total + group_total
+            for term in (term for term in TERMS if term in results):
+                result = results[term]
+                if not fused:
+                    total = total + self.weight(i, term) * result.loss
                 name = f"model{i + 1}/{term}"
                 terms[name] = result.loss.detach()
                 entropy[name] = result.teacher_entropy

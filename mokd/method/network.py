@@ -11,12 +11,21 @@ from mokd.method.backbones import Backbone, BackboneOutput, patch_size
 from mokd.method.heads import MLPHead, THead
 
 
+class HeadInput(NamedTuple):
+    """A head's logits before its last layer: logits = features @ weight.T (loss.fused_head keeps them so)."""
+
+    features: torch.Tensor  # [S*B, d]
+    weight: torch.Tensor  # [K, d], the weight-normalised last layer's effective weight
+
+
 class NetworkOutput(NamedTuple):
     pooled: torch.Tensor  # z for every crop, crops stacked crop-major: [S*B, C]
-    mlp_logits: torch.Tensor  # h(z): [S*B, K]
-    thead_logits: Optional[torch.Tensor]  # g(Z): [S*B, K], None without a T-Head
+    mlp_logits: Optional[torch.Tensor]  # h(z): [S*B, K]; None when the forward returns head inputs instead
+    thead_logits: Optional[torch.Tensor]  # g(Z): [S*B, K], None without a T-Head (or with head inputs)
     features: list[BackboneOutput]  # backbone output per pass (resolution group or crop), in crop order
     queries: Optional[torch.Tensor]  # q = P(z), detached: what this model sends into the other's T-Head [S*B, D]
+    mlp_input: Optional[HeadInput] = None  # with head_logits=False: h's last-layer input and weight
+    thead_input: Optional[HeadInput] = None  # with head_logits=False: g's last-layer input and weight
 
 
 class SearchRequest(NamedTuple):
@@ -81,9 +90,13 @@ class Network(nn.Module):
         heads = [self.mlp_head] + ([self.thead] if self.thead is not None else [])
         return [head.last_layer for head in heads]
 
-    def forward(self, crops: Optional[list[torch.Tensor]] = None,
-                search: Optional[SearchRequest] = None) -> NetworkOutput | torch.Tensor:
+    def forward(self, crops: Optional[list[torch.Tensor]] = None, search: Optional[SearchRequest] = None,
+                head_logits: bool = True) -> NetworkOutput | torch.Tensor:
         """The multi-crop forward (crops), or a feature search in the T-Head (search: returns its logits).
+
+        With head_logits=False the heads stop before their last layer: the output carries each head's input and
+        effective weight (mlp_input, thead_input) instead of the [S*B, K] logits, for loss.fused_head. The weight
+        is computed here, inside the forward, so that parameter-gathering wrappers see its use.
 
         Every use of the parameters goes through this method, so that wrappers that gather parameters around
         the forward (FSDP2, ZeRO-3) or track their use (DDP) see all of it."""
@@ -93,9 +106,17 @@ class Network(nn.Module):
         features = [self.backbone(crops[start] if end - start == 1 else torch.cat(crops[start:end]))
                     for start, end in groups]
         pooled = torch.cat([feature.pooled for feature in features])
-        mlp_logits = self.mlp_head(pooled)
-        thead_logits = queries = None
+        thead_logits = queries = mlp_input = thead_input = None
+        if head_logits:
+            mlp_logits = self.mlp_head(pooled)
+        else:
+            mlp_logits = None
+            mlp_input = HeadInput(self.mlp_head.features(pooled), self.mlp_head.last_layer.effective_weight())
         if self.thead is not None:
-            thead_logits = torch.cat([self.thead(feature.tokens, feature.grid) for feature in features])
+            if head_logits:
+                thead_logits = torch.cat([self.thead(feature.tokens, feature.grid) for feature in features])
+            else:
+                thead_input = HeadInput(torch.cat([self.thead.features(f.tokens, f.grid) for f in features]),
+                                        self.thead.last_layer.effective_weight())
             queries = self.thead.project_query(pooled).detach()  # queries carry no gradient into the other model
-        return NetworkOutput(pooled, mlp_logits, thead_logits, features, queries)
+        return NetworkOutput(pooled, mlp_logits, thead_logits, features, queries, mlp_input, thead_input)
