@@ -57,3 +57,19 @@ def test_fused_head_training_ddp_two_ranks_matches_one_process(tmp_path):
     assert report["world_size"] == 2 and report["step"] == STEPS
     assert_same_losses(step_losses(run_dir), step_losses(reference_dir), range(1, STEPS + 1))
     assert_same_teachers(torch.load(tmp_path / "out" / "teachers.pt"), reference.strategy.teacher_state_dicts())
+
+
+def test_fused_head_strategies_batchnorm_sync_under_nccl_global_under_gloo():
+    """The strategies' BatchNorm conversion: SyncBatchNorm when the backend is NCCL, GlobalBatchNorm otherwise.
+    (Only the construction is checked here: SyncBatchNorm's forward needs CUDA and NCCL.)"""
+    from mokd.engine.batchnorm import GlobalBatchNorm
+    from mokd.engine.strategies.base import convert_batchnorm
+    from mokd.method.heads import MLPHead
+
+    for backend, kind in (("nccl", torch.nn.SyncBatchNorm), ("gloo", GlobalBatchNorm)):
+        head = MLPHead(8, 16, 12, 4, trainable_norm=True, batchnorm=True)
+        before = [m.running_mean.clone() for m in head.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+        assert convert_batchnorm(head, backend) is head
+        norms = [m for m in head.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert len(norms) == 2 and all(type(m) is kind for m in norms), backend
+        assert all(torch.equal(m.running_mean, b) for m, b in zip(norms, before))

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from mokd.engine.batchnorm import convert_to_global_batchnorm
 from mokd.engine.checkpoint import failure_message
 from mokd.engine.distributed import World
 from mokd.errors import CheckpointError
@@ -39,6 +40,17 @@ from mokd.engine.optim import GroupValues, clip_gradients_, drop_last_layer_grad
 from mokd.kernels import EmaPlan, ema_per_tensor_
 
 OptimizerFactory = Callable[[nn.Module, int], torch.optim.Optimizer]
+
+
+def convert_batchnorm(network: nn.Module, backend: str) -> nn.Module:
+    """Make every BatchNorm layer normalise over the global batch of all ranks (in place).
+
+    Under NCCL (CUDA) torch's SyncBatchNorm, whose fused CUDA kernels gather the statistics in one collective;
+    elsewhere (gloo, CPU) GlobalBatchNorm, which works on any device. The network's root is never a BatchNorm,
+    so the conversion keeps the module object."""
+    if backend == "nccl":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(network)
+    return convert_to_global_batchnorm(network)
 
 
 def tensor_bytes(tensors) -> int:

@@ -1,17 +1,17 @@
 """`ddp`: every rank holds whole students and teachers; DistributedDataParallel averages the gradients.
 
-BatchNorm layers of students and teachers become GlobalBatchNorm, so a rank of B images normalises with the
-statistics of all ranks' images, as one process with the global batch would (DINO uses SyncBatchNorm for the
+BatchNorm layers of students and teachers become SyncBatchNorm under NCCL and GlobalBatchNorm elsewhere, so a
+rank of B images normalises with the statistics of all ranks' images, as one process with the global batch would (DINO uses SyncBatchNorm for the
 same reason). The teacher is a plain replicated module: identical updates on identical weights keep the
 replicas equal, and its EMA is local.
 """
 
 from __future__ import annotations
 
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from mokd.engine.batchnorm import convert_to_global_batchnorm
-from mokd.engine.strategies.base import Strategy
+from mokd.engine.strategies.base import Strategy, convert_batchnorm
 
 
 class DDPStrategy(Strategy):
@@ -19,7 +19,7 @@ class DDPStrategy(Strategy):
 
     def wrap(self, students, teachers):
         for network in (*students, *teachers):
-            convert_to_global_batchnorm(network)
+            convert_batchnorm(network, dist.get_backend())
         device_ids = [self.world.device.index] if self.world.device.type == "cuda" else None
         # Buffers (BN running statistics) are equal on every rank by construction: no broadcast each forward.
         # (DDP still broadcasts them once when it wraps, which changes nothing; `broadcast_buffers=False`, the

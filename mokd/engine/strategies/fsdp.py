@@ -5,7 +5,7 @@ shard k hold the same elements and the EMA runs on local shards with no communic
 under no_grad leaves its root unit's parameters gathered, so the teacher callable reshards after it.
 Gradient clipping is DINO's per-parameter clipping: every rank computes the squared norms of its local gradient
 shards, one all-reduce sums them per parameter, and every rank scales its own shards.
-BatchNorm layers become GlobalBatchNorm (statistics of the global batch), as under DDP.
+BatchNorm layers become SyncBatchNorm (NCCL) or GlobalBatchNorm (statistics of the global batch), as under DDP.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from mokd.engine.batchnorm import convert_to_global_batchnorm
-from mokd.engine.strategies.base import Strategy
+from mokd.engine.strategies.base import Strategy, convert_batchnorm
 
 # Units below the root: a ResNet's residual blocks, a ViT's transformer blocks, the MLP-Head. The T-Head stays
 # in the root unit: besides its forward (once per resolution group, and the search) the network calls its
@@ -50,7 +49,7 @@ class FSDPStrategy(Strategy):
                                       reduce_dtype=torch.float32)
         reshard = self.config.parallel.reshard_after_forward
         for network in (*students, *teachers):
-            convert_to_global_batchnorm(network)
+            convert_batchnorm(network, dist.get_backend())
             for unit in sharding_units(network):
                 fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
             fully_shard(network, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)

@@ -9,7 +9,8 @@ Two documented deviations from DINO, because ZeRO-2/3 never materialise a whole 
 rank: `optim.clip_grad` is applied as a clip of the global gradient norm (DeepSpeed's `gradient_clipping`),
 not per parameter; and the heads' last layers are frozen during `freeze_last_layer_epochs` by a zero learning
 rate and zero weight decay on their parameter groups (their optimiser state still sees the gradients),
-instead of by dropping their gradients. BatchNorm layers become GlobalBatchNorm, as under DDP.
+instead of by dropping their gradients. BatchNorm layers become SyncBatchNorm (NCCL) or GlobalBatchNorm, as under
+DDP.
 Checkpoints are DeepSpeed's own format (each engine's `save_checkpoint`), plus the consolidated teachers.
 """
 
@@ -20,12 +21,12 @@ from pathlib import Path
 from typing import ContextManager, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from mokd.engine.batchnorm import convert_to_global_batchnorm
 from mokd.engine.checkpoint import failure_message, load_teachers_file
 from mokd.engine.optim import GroupValues, set_schedule
-from mokd.engine.strategies.base import Strategy, tensor_bytes
+from mokd.engine.strategies.base import Strategy, convert_batchnorm, tensor_bytes
 from mokd.errors import CheckpointError
 
 
@@ -54,7 +55,7 @@ class DeepSpeedStrategy(Strategy):
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         self.stage = self.config.parallel.zero_stage
         for network in (*students, *teachers):
-            convert_to_global_batchnorm(network)
+            convert_batchnorm(network, dist.get_backend())
         self.networks, self.teacher_networks = tuple(students), tuple(teachers)
         model_configs = (self.config.model1, self.config.model2)
         self.engines = []
