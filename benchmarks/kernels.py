@@ -1,7 +1,14 @@
-"""Microbenchmarks of the fused kernels: DINO cross-entropy (forward + backward) and the EMA update.
+"""Microbenchmarks of the fused kernels: DINO cross-entropy (forward + backward), the loss block of one student
+head (its last layer and the DINO terms that read it), and the EMA update.
 
     python benchmarks/kernels.py --device cpu --batch 8 32 --dim 65536 --local-crops 10 --json FILE
     python benchmarks/kernels.py --device cuda --batch 8 32 --json FILE
+    python benchmarks/kernels.py --device cpu --ops head_loss --batch 8 --threads 1 --json FILE
+
+``head_loss`` is the loss block of one MLP-Head as a MOKD step runs it: the weight-normalised last layer
+(bottleneck -> K) on every crop, then L_sm and L_cm (two teachers, two centres) and the backward to the last
+layer's input and weight. ``per_term`` builds the [crops*batch, K] logits and calls dino_cross_entropy per term
+(the default path); ``fused_terms`` (CUDA) one fused pass over those logits; ``fused_head`` never builds them.
 
 The CPU rows include ``native`` (the C++ operators of csrc/, when built). On a shared CPU add --threads 1: with
 two intra-op threads, every op waits for a thread the other load has
@@ -45,11 +52,12 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from mokd.engine.runtime import peak_extra_bytes  # noqa: E402
-from mokd.kernels import EmaPlan, dino_cross_entropy, ema_per_tensor_, native  # noqa: E402
+from mokd.kernels import (DinoTarget, EmaPlan, dino_cross_entropy, ema_per_tensor_, fused_head,  # noqa: E402
+                          fused_terms, native)
 
 TAU_S, TAU_T, MOMENTUM = 0.1, 0.04, 0.996
 # What each op's speed-up is measured against: the literal DINO loss, and DINO's per-tensor EMA loop.
-REFERENCE = {"dino_ce": "reference", "ema": "dino_loop"}
+REFERENCE = {"dino_ce": "reference", "ema": "dino_loop", "head_loss": "per_term"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -183,6 +191,74 @@ def bench_dino_ce(args, device, dtype, batch, copy_bw):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the loss block of one head: last layer + the DINO terms reading it
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def bench_head_loss(args, device, dtype, batch, copy_bw):
+    n_views, n_crops, k, d = 2, 2 + args.local_crops, args.dim, args.bottleneck
+    gen = torch.Generator(device=device).manual_seed(batch)
+    features = torch.nn.functional.normalize(torch.randn(n_crops * batch, d, generator=gen, device=device), dim=-1)
+    features = features.to(dtype).requires_grad_(True)
+    weight = torch.nn.functional.normalize(torch.randn(k, d, generator=gen, device=device), dim=-1)
+    weight = weight.to(dtype).requires_grad_(True)
+    targets = [DinoTarget((torch.rand(n_views * batch, k, generator=gen, device=device) * 2 - 1).to(dtype),
+                          torch.rand(k, generator=gen, device=device) * 0.2 - 0.1, TAU_T, batch, weight=w)
+               for w in (1.0, 0.5)]  # L_sm and lambda * L_cm
+    element = features.element_size()
+    # What must move: the last layer's weight read in the forward and in the backward, its gradient written,
+    # both teachers read (the student logits need not exist at all).
+    moved = (3 * k * d + 2 * n_views * batch * k) * element
+
+    def per_term():
+        logits = torch.nn.functional.linear(features, weight)
+        return sum(t.weight * dino_cross_entropy(logits, t.teacher, t.centre, TAU_S, t.temperature, batch).loss
+                   for t in targets)
+
+    impls: dict[str, Callable[[], torch.Tensor]] = {
+        "per_term": per_term,
+        "fused_head": lambda: fused_head(features, weight, TAU_S, targets).total,
+    }
+    if device.type == "cuda":
+        impls["fused_terms"] = lambda: fused_terms(torch.nn.functional.linear(features, weight), TAU_S, targets).total
+
+    def step(loss_fn):
+        features.grad = weight.grad = None
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    steps = {name: (lambda fn=fn: step(fn)) for name, fn in impls.items()}
+    reference_loss = steps["per_term"]().item()
+    reference_grads = [features.grad.float(), weight.grad.float()]
+    grad_tolerance = 1e-4 if dtype == torch.float32 else 1e-2
+    for name, run in steps.items():
+        loss = run().item()
+        errors = [((g.float() - r).norm() / r.norm()).item()
+                  for g, r in zip((features.grad, weight.grad), reference_grads)]
+        if not math.isclose(loss, reference_loss, rel_tol=1e-4) or max(errors) > grad_tolerance:
+            raise RuntimeError(f"head_loss {name}: loss {loss} vs per_term {reference_loss}, "
+                               f"relative gradient errors {errors}")
+    del reference_grads
+    times = median_ms(steps, device, args.repeats, args.warmup)
+    records = []
+    for name, run in steps.items():
+        features.grad = weight.grad = None
+        ms = times[name]
+        records.append({
+            "op": "head_loss", "impl": name, "batch": batch, "median_ms": ms,
+            "peak_extra_bytes": peak_extra_bytes(run, device), "bytes_moved": moved,
+            "gbps": moved / (ms * 1e-3) / 1e9, "floor_fraction": moved / (copy_bw * 1e9) / (ms * 1e-3),
+            # The weight's gradient ([K, d], in every path's peak): peak_extra_bytes minus it is the loss block's
+            # own working memory.
+            "weight_grad_bytes": k * d * element,
+            "dim": k, "bottleneck": d, "crops": f"{n_views}+{args.local_crops}", "terms": len(targets),
+            "dtype": str(dtype).removeprefix("torch."),
+        })
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # EMA over an R101 + ViT-B pair with their DINO heads
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -254,17 +330,17 @@ def _cpu_name() -> str:
 
 def print_table(records: list[dict]) -> None:
     header = (
-        f"{'op':8} {'impl':16} {'batch':>5} {'median ms':>10} {'x ref':>7} {'peak MiB':>9} {'GB/s':>7} {'floor':>6}"
+        f"{'op':9} {'impl':16} {'batch':>5} {'median ms':>10} {'x ref':>7} {'peak MiB':>9} {'GB/s':>7} {'floor':>6}"
     )
     print(header)
     print("-" * len(header))
     for r in records:
         if r["median_ms"] is None:
-            print(f"{r['op']:8} {r['impl']:16} {r['batch'] or '':>5} {r['note']}")
+            print(f"{r['op']:9} {r['impl']:16} {r['batch'] or '':>5} {r['note']}")
             continue
         peak = "" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / 2**20:9.1f}"
         print(
-            f"{r['op']:8} {r['impl']:16} {r['batch'] or '':>5} {r['median_ms']:10.2f} "
+            f"{r['op']:9} {r['impl']:16} {r['batch'] or '':>5} {r['median_ms']:10.2f} "
             f"{r['speedup_vs_reference']:7.2f} {peak:>9} {r['gbps']:7.2f} {r['floor_fraction']:6.1%}"
         )
 
@@ -278,7 +354,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the logits")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs (default: cpu 5, cuda 30)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--ops", nargs="+", default=["dino_ce", "ema"], choices=["dino_ce", "ema"])
+    parser.add_argument("--ops", nargs="+", default=["dino_ce", "ema"], choices=["dino_ce", "ema", "head_loss"])
+    parser.add_argument("--bottleneck", type=int, default=256, help="head_loss: the last layer's input width")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--json", default=None, help="write the records to this file")
     args = parser.parse_args(argv)
@@ -301,6 +378,9 @@ def main(argv: list[str] | None = None) -> None:
     if "dino_ce" in args.ops:
         for batch in args.batch:
             records += bench_dino_ce(args, device, DTYPES[args.dtype], batch, copy_bw)
+    if "head_loss" in args.ops:
+        for batch in args.batch:
+            records += bench_head_loss(args, device, DTYPES[args.dtype], batch, copy_bw)
     if "ema" in args.ops:
         records += bench_ema(args, device, copy_bw)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -158,7 +158,8 @@ class LossConfig:
                                "on CPU (the same numbers)")
     fused_head: bool = option(False, "fuse each student head's weight-normalised last layer with its DINO terms "
                               "over tiles of K, so the [crops*batch, K] student logits and their gradient never "
-                              "exist (backward recomputes the tiles; every strategy)")
+                              "exist (backward recomputes the tiles; every strategy; it groups the terms itself, so it "
+                              "supersedes loss.fused_terms)")
 
 
 @dataclass
