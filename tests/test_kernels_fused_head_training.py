@@ -1,6 +1,7 @@
 """Training with loss.fused_head=true and loss.fused_terms=true reproduces the per-term path: the losses of every
-step and the students' and teachers' weights after a few steps, in one process and under ddp with 2 gloo ranks
-(against one process with the same global batch, as tests/test_distributed.py compares every strategy)."""
+step and the students' and teachers' weights after a few steps, in one process, and under ddp, fsdp and ZeRO-3
+with 2 gloo ranks (against one process with the same global batch, as tests/test_distributed.py compares every
+strategy). And the strategies' BatchNorm conversion."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import torch
 
 from helpers import tiny_config
 from mokd.engine.trainer import Trainer
-from test_distributed import (CLIPPED, COMMON, SINKHORN, STEPS, assert_same_losses, assert_same_teachers, launch,
-                              per_rank, step_losses)
+import pytest
+
+from test_distributed import (CLIPPED, COMMON, SINKHORN, STEPS, UNCLIPPED, assert_same_losses, assert_same_teachers,
+                              launch, per_rank, step_losses)
 
 FUSED = ["loss.fused_head=true", "loss.fused_terms=true"]
 # The last layers train from the first step, so that the fused head's weight gradient is part of the comparison.
@@ -44,16 +47,20 @@ def test_fused_head_training_matches_per_term_path_single(tmp_path):
             assert not torch.equal(network.state_dict()[key], trained[key]), (model, key)
 
 
-def test_fused_head_training_ddp_two_ranks_matches_one_process(tmp_path):
-    """ddp, 2 ranks of 4 images, fused, Sinkhorn-Knopp targets (normalised over both ranks) against one process
-    of 8 images on the per-term path."""
+@pytest.mark.parametrize("strategy, extra", [
+    (["parallel.strategy=ddp"], SINKHORN + CLIPPED),
+    (["parallel.strategy=fsdp"], CLIPPED),
+    (["parallel.strategy=deepspeed", "parallel.zero_stage=3"], UNCLIPPED),
+], ids=["ddp", "fsdp", "zero3"])
+def test_fused_head_training_two_ranks_matches_one_process(tmp_path, strategy, extra):
+    """2 ranks of 4 images, fused, against one process of 8 images on the per-term path (ddp with Sinkhorn-Knopp
+    targets, normalised over both ranks). FSDP2 units and ZeRO-3 gather parameters around module forwards: the
+    heads' last-layer weights reach the fused head through them."""
     reference_dir = tmp_path / "single"
-    reference = Trainer(tiny_config(reference_dir, extra=COMMON + CLIPPED + SINKHORN + TRAINED_LAST_LAYERS),
-                        show_progress=False)
+    reference = Trainer(tiny_config(reference_dir, extra=COMMON + extra + TRAINED_LAST_LAYERS), show_progress=False)
     reference.train()
     run_dir = tmp_path / "run"
-    report = launch(tmp_path / "out", run_dir, per_rank(["parallel.strategy=ddp", *SINKHORN, *CLIPPED, *TRAINED_LAST_LAYERS,
-                                                               *FUSED]))
+    report = launch(tmp_path / "out", run_dir, per_rank([*strategy, *extra, *TRAINED_LAST_LAYERS, *FUSED]))
     assert report["world_size"] == 2 and report["step"] == STEPS
     assert_same_losses(step_losses(run_dir), step_losses(reference_dir), range(1, STEPS + 1))
     assert_same_teachers(torch.load(tmp_path / "out" / "teachers.pt"), reference.strategy.teacher_state_dicts())

@@ -34,12 +34,12 @@ class WeightNormLinear(nn.Module):
         nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))  # what nn.Linear.reset_parameters does
         self.weight_g = nn.Parameter(torch.ones(out_features, 1), requires_grad=trainable_norm)
 
-    def effective_weight(self) -> torch.Tensor:
-        """W = g * v / ||v||, [out, in]: what loss.fused_head multiplies with tile by tile."""
-        return self.weight_g * F.normalize(self.weight_v, dim=1)
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return F.linear(inputs, self.effective_weight())
+    def forward(self, inputs: Optional[torch.Tensor]) -> torch.Tensor:
+        """inputs W^T; with inputs None, the effective weight W = g * v / ||v|| itself, [out, in] (loss.fused_head
+        multiplies with it tile by tile). Through forward either way, so that wrappers that gather parameters
+        around a module's forward (FSDP2 units, ZeRO-3) gather them for this use too."""
+        weight = self.weight_g * F.normalize(self.weight_v, dim=1)
+        return weight if inputs is None else F.linear(inputs, weight)
 
 
 class MLPHead(nn.Module):
@@ -62,12 +62,11 @@ class MLPHead(nn.Module):
         self.mlp.apply(_init_linear)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, trainable_norm)
 
-    def features(self, pooled: torch.Tensor) -> torch.Tensor:
-        """The last layer's input: the L2-normalised bottleneck, [rows, bottleneck]."""
-        return F.normalize(self.mlp(pooled), dim=-1)
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(self.features(pooled))
+    def forward(self, pooled: torch.Tensor, logits: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The logits [rows, K]; with logits=False, the last layer's input (the L2-normalised bottleneck,
+        [rows, bottleneck]) and its effective weight [K, bottleneck] instead."""
+        features = F.normalize(self.mlp(pooled), dim=-1)
+        return self.last_layer(features) if logits else (features, self.last_layer(None))
 
 
 class SelfAttention(nn.Module):
@@ -135,9 +134,10 @@ class THead(nn.Module):
         resized = F.interpolate(base, size=grid, mode="bicubic", align_corners=False)
         return resized.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
 
-    def features(self, tokens: torch.Tensor, grid: tuple[int, int],
-                 query: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The last layer's input: the mean of the normalised output tokens, [rows, D]."""
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], query: Optional[torch.Tensor] = None,
+                logits: bool = True) -> torch.Tensor:
+        """The logits [rows, K]; with logits=False the last layer's input instead (the mean of the normalised
+        output tokens, [rows, D]; the weight is last_layer(None))."""
         hidden = self.proj(tokens) + self.positional_embedding(grid)
         if query is not None:
             hidden = torch.cat([query.unsqueeze(1).to(hidden.dtype), hidden], dim=1)
@@ -146,7 +146,5 @@ class THead(nn.Module):
         hidden = self.norm(hidden)
         if query is not None:
             hidden = hidden[:, 1:]
-        return hidden.mean(dim=1)
-
-    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], query: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.last_layer(self.features(tokens, grid, query))
+        pooled = hidden.mean(dim=1)
+        return self.last_layer(pooled) if logits else pooled

@@ -95,8 +95,8 @@ class Network(nn.Module):
         """The multi-crop forward (crops), or a feature search in the T-Head (search: returns its logits).
 
         With head_logits=False the heads stop before their last layer: the output carries each head's input and
-        effective weight (mlp_input, thead_input) instead of the [S*B, K] logits, for loss.fused_head. The weight
-        is computed here, inside the forward, so that parameter-gathering wrappers see its use.
+        effective weight (mlp_input, thead_input) instead of the [S*B, K] logits, for loss.fused_head. The weights
+        come from the heads' own forwards, inside this one, so that parameter-gathering wrappers see their use.
 
         Every use of the parameters goes through this method, so that wrappers that gather parameters around
         the forward (FSDP2, ZeRO-3) or track their use (DDP) see all of it."""
@@ -111,12 +111,12 @@ class Network(nn.Module):
             mlp_logits = self.mlp_head(pooled)
         else:
             mlp_logits = None
-            mlp_input = HeadInput(self.mlp_head.features(pooled), self.mlp_head.last_layer.effective_weight())
+            mlp_input = HeadInput(*self.mlp_head(pooled, logits=False))
         if self.thead is not None:
             if head_logits:
                 thead_logits = torch.cat([self.thead(feature.tokens, feature.grid) for feature in features])
             else:
-                thead_input = HeadInput(torch.cat([self.thead.features(f.tokens, f.grid) for f in features]),
-                                        self.thead.last_layer.effective_weight())
+                thead_input = HeadInput(torch.cat([self.thead(f.tokens, f.grid, logits=False) for f in features]),
+                                        self.thead.last_layer(None))
             queries = self.thead.project_query(pooled).detach()  # queries carry no gradient into the other model
         return NetworkOutput(pooled, mlp_logits, thead_logits, features, queries, mlp_input, thead_input)
