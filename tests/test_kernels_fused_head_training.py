@@ -35,8 +35,9 @@ def train_single(run_dir, extra):
 
 
 def test_fused_head_training_matches_per_term_path_single(tmp_path):
-    losses, students, teachers = train_single(tmp_path / "default", [])
-    fused_losses, fused_students, fused_teachers = train_single(tmp_path / "fused", FUSED)
+    weighted = ["model1.cross_weight=0.5", "model2.term_weights={st: 0.7}"]  # lambda and a term weight != 1
+    losses, students, teachers = train_single(tmp_path / "default", weighted)
+    fused_losses, fused_students, fused_teachers = train_single(tmp_path / "fused", weighted + FUSED)
     assert_same_losses(fused_losses, losses, range(1, STEPS + 1))
     assert_same_teachers(fused_students, students)
     assert_same_teachers(fused_teachers, teachers)
