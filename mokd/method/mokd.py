@@ -180,7 +180,8 @@ class MOKDObjective:
                 group = [targets[term] for term in names]
                 if self.config.fused_head:
                     head_input = mine.mlp_input if head == "mlp" else mine.thead_input
-                    out = fused_head(head_input.features, head_input.weight, temps.student, group)
+                    out = fused_head(head_input.features, head_input.weight, temps.student, group,
+                                     impl="auto" if self.config.kernel in ("auto", "triton") else "torch")
                 elif self.config.fused_terms:
                     logits = mine.mlp_logits if head == "mlp" else mine.thead_logits
                     out = fused_terms(logits, temps.student, group, impl=self.config.kernel)
