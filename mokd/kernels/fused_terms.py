@@ -134,7 +134,8 @@ def _teacher_stats_kernel(
 
 @_jit
 def _paired_targets(t_ptr, c_ptr, lse_t_ptr, offs, mask, u, b, active, B, stride_t, inv_tau_t,
-                    T: tl.constexpr, HAS_CENTRE: tl.constexpr, EXCLUDE_SAME: tl.constexpr, BLOCK_K: tl.constexpr):
+                    T: tl.constexpr, HAS_CENTRE: tl.constexpr, EXCLUDE_SAME: tl.constexpr, NEG_BIG: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
     """Y = sum of p_v over the views v paired with crop u, for image b, on one column block (0 when inactive)."""
     y = tl.zeros([BLOCK_K], dtype=tl.float32)
     if HAS_CENTRE:
@@ -148,7 +149,8 @@ def _paired_targets(t_ptr, c_ptr, lse_t_ptr, offs, mask, u, b, active, B, stride
         if HAS_CENTRE:
             t = t - centre
         lse_t = tl.load(lse_t_ptr + row, mask=paired, other=0.0)
-        y += tl.where(mask & paired, tl.exp(t * inv_tau_t - lse_t), 0.0)
+        # (masked before the exp: an unpaired view reads zeros, whose -c / tau_t could overflow it)
+        y += tl.exp(tl.where(mask & paired, t * inv_tau_t - lse_t, NEG_BIG))
     return y
 
 
@@ -206,14 +208,14 @@ def _fused_terms_kernel(
         offs = k0 + cols
         mask = offs < K
         s = tl.load(s_ptr + row * stride_s + offs, mask=mask, other=0.0).to(tl.float32)
-        q = tl.where(mask, tl.exp(s * inv_tau_s - lse), 0.0)
+        q = tl.exp(tl.where(mask, s * inv_tau_s - lse, NEG_BIG))
         y0 = _paired_targets(t0_ptr, c0_ptr, lse0_ptr, offs, mask, u0, b0, active0, B0, stride_t0, inv_tau_t0,
-                             T0, HAS_CENTRE0, EXCLUDE0, BLOCK_K)
+                             T0, HAS_CENTRE0, EXCLUDE0, NEG_BIG, BLOCK_K)
         cross0 += y0 * s
         g = coef0 * (w0 * q - y0)
         if N_TERMS > 1:
             y1 = _paired_targets(t1_ptr, c1_ptr, lse1_ptr, offs, mask, u1, b1, active1, B1, stride_t1, inv_tau_t1,
-                                 T1, HAS_CENTRE1, EXCLUDE1, BLOCK_K)
+                                 T1, HAS_CENTRE1, EXCLUDE1, NEG_BIG, BLOCK_K)
             cross1 += y1 * s
             g += coef1 * (w1 * q - y1)
         tl.store(grad_ptr + row * stride_g + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
