@@ -156,9 +156,8 @@ class MOKDObjective:
             j = 1 - i
             mine, own_teacher, other_teacher = student_outs[i], teacher_outs[i], teacher_outs[j]
             temps = temperatures[i]
-            active = self.active_terms(i)
             targets = {}
-            for term in active:
+            for term in self.active_terms(i):
                 weight = self.weight(i, term)
                 if term in ("sm", "st"):
                     logits = own_teacher.mlp_logits if term == "sm" else own_teacher.thead_logits
@@ -178,15 +177,14 @@ class MOKDObjective:
                 if not names:
                     continue
                 group = [targets[term] for term in names]
+                logits = mine.mlp_logits if head == "mlp" else mine.thead_logits  # None with loss.fused_head
                 if self.config.fused_head:
                     head_input = mine.mlp_input if head == "mlp" else mine.thead_input
                     out = fused_head(head_input.features, head_input.weight, temps.student, group,
                                      impl="auto" if self.config.kernel in ("auto", "triton") else "torch")
                 elif self.config.fused_terms:
-                    logits = mine.mlp_logits if head == "mlp" else mine.thead_logits
                     out = fused_terms(logits, temps.student, group, impl=self.config.kernel)
                 else:
-                    logits = mine.mlp_logits if head == "mlp" else mine.thead_logits
                     for term, t in zip(names, group):
                         results[term] = dino_cross_entropy(logits[t.rows], t.teacher, t.centre, temps.student,
                                                            t.temperature, t.batch_size, pairing=t.pairing,
