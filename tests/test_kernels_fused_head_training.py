@@ -1,7 +1,7 @@
 """Training with loss.fused_head=true and loss.fused_terms=true reproduces the per-term path: the losses of every
-step and the students' and teachers' weights after a few steps, in one process, and under ddp, fsdp and ZeRO-3
-with 2 gloo ranks (against one process with the same global batch, as tests/test_distributed.py compares every
-strategy). And the strategies' BatchNorm conversion."""
+step and the students' and teachers' weights after a few steps, in one process (also loss.fused_terms alone), and
+under ddp, fsdp and ZeRO-3 with 2 gloo ranks (against one process with the same global batch, as
+tests/test_distributed.py compares every strategy). And the strategies' BatchNorm conversion."""
 
 from __future__ import annotations
 
@@ -34,10 +34,11 @@ def train_single(run_dir, extra):
     return step_losses(run_dir), students, trainer.strategy.teacher_state_dicts()
 
 
-def test_fused_head_training_matches_per_term_path_single(tmp_path):
+@pytest.mark.parametrize("fused", [FUSED, ["loss.fused_terms=true"]], ids=["fused_head", "fused_terms_only"])
+def test_fused_head_training_matches_per_term_path_single(tmp_path, fused):
     weighted = ["model1.cross_weight=0.5", "model2.term_weights={st: 0.7}"]  # lambda and a term weight != 1
     losses, students, teachers = train_single(tmp_path / "default", weighted)
-    fused_losses, fused_students, fused_teachers = train_single(tmp_path / "fused", weighted + FUSED)
+    fused_losses, fused_students, fused_teachers = train_single(tmp_path / "fused", weighted + fused)
     assert_same_losses(fused_losses, losses, range(1, STEPS + 1))
     assert_same_teachers(fused_students, students)
     assert_same_teachers(fused_teachers, teachers)
