@@ -114,9 +114,11 @@ def independent_dino(config, which: int, batches: list[list[torch.Tensor]]):
 
 def test_self_mlp_only_pair_equals_two_independent_dino_runs(tmp_path):
     # The clip at 3 meets gradients on both sides of it; the last layers stay frozen for 2 of the 3 steps; the teacher
-    # temperatures warm up over 30 epochs, longer than the run.
+    # temperatures warm up over 30 epochs, longer than the run. The SGD model's lr and weight decay are large enough
+    # for a decay step (lr * wd ~ 6e-3 of a weight) to show against the tolerance.
     switches = ["loss.self_thead=false", "loss.cross_mlp=false", "loss.cross_search=false",
-                "model1.optim.name=sgd", "train.max_steps=3", "checkpoint.enabled=false",
+                "model1.optim.name=sgd", "model1.optim.base_lr=0.5", "model1.optim.weight_decay=0.4",
+                "model1.optim.weight_decay_end=0.4", "train.max_steps=3", "checkpoint.enabled=false",
                 *[f"model{i}.optim.{key}" for i in (1, 2)
                   for key in ("clip_grad=3.0", "freeze_last_layer_epochs=0.5")]]
     config = tiny_config(tmp_path, extra=switches)
