@@ -195,15 +195,15 @@ def test_bf16_autocast_trains_fp32_master_weights_with_losses_close_to_fp32(tmp_
 
 
 def test_async_checkpoints_resume_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch):
-    """Steps 1-5 with checkpoints written in the background every 2 steps, step 4's held back until step 5 has changed
-    the weights in place (as a slow disk would). Resumed from it, steps 5-6 equal those of a run never interrupted."""
+    """Steps 1-3 with checkpoints written in the background every 2 steps, step 2's held back until step 3 has changed
+    the weights in place (as a slow disk would). Resumed from it, steps 3-4 equal those of a run never interrupted."""
     extra = ["train.deterministic=true", "model2.drop_path=0.1", "checkpoint.every_steps=2"]
-    whole = Trainer(tiny_config(tmp_path / "whole", extra=extra + ["train.max_steps=6"]), show_progress=False)
+    whole = Trainer(tiny_config(tmp_path / "whole", extra=extra + ["train.max_steps=4"]), show_progress=False)
     whole.train()
 
     split = tmp_path / "split"
     asynchronous = extra + ["checkpoint.async_save=true"]
-    first = Trainer(tiny_config(split, extra=asynchronous + ["train.max_steps=5"]), show_progress=False)
+    first = Trainer(tiny_config(split, extra=asynchronous + ["train.max_steps=3"]), show_progress=False)
     background = CheckpointManager._background
 
     def after_the_next_step(manager, finish, staging, final, step, is_main):
@@ -215,14 +215,14 @@ def test_async_checkpoints_resume_exactly_as_an_uninterrupted_run(tmp_path, monk
     monkeypatch.setattr(CheckpointManager, "_background", after_the_next_step)
     first.train()
     monkeypatch.undo()
-    # The teachers file (what evaluation and export read) holds step 4's teachers, not the ones trained on since.
-    written, reference = (load_teachers_file(run / "checkpoints" / "step_00000004")
+    # The teachers file (what evaluation and export read) holds step 2's teachers, not the ones trained on since.
+    written, reference = (load_teachers_file(run / "checkpoints" / "step_00000002")
                           for run in (split, tmp_path / "whole"))
     for mine, theirs in zip(written, reference):
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[key], theirs[key]) for key in mine)
-    shutil.rmtree(split / "checkpoints" / "step_00000005")  # as if killed once step 5 was logged
-    resumed = Trainer(tiny_config(split, extra=asynchronous + ["train.max_steps=6"]), show_progress=False)
-    assert resumed.step == 4
+    shutil.rmtree(split / "checkpoints" / "step_00000003")  # as if killed once step 3 was logged
+    resumed = Trainer(tiny_config(split, extra=asynchronous + ["train.max_steps=4"]), show_progress=False)
+    assert resumed.step == 2
     resumed.train()
 
     assert read_losses(split) == read_losses(tmp_path / "whole")
