@@ -21,7 +21,7 @@ from mokd.method.schedules import ModelSchedules
 
 def optim(**values) -> SimpleNamespace:
     defaults = dict(name="sgd", base_lr=0.3, min_lr=0.002, warmup_epochs=1.4, weight_decay=0.04, weight_decay_end=0.4,
-                    momentum=0.9, clip_grad=3.0, freeze_last_layer_epochs=0.6)
+                    momentum=0.9, clip_grad=3.0, freeze_last_layer_epochs=0.7)
     return SimpleNamespace(**{**defaults, **values})
 
 
@@ -61,7 +61,7 @@ def test_every_schedule_value_follows_its_formula(epochs, steps_per_epoch, globa
     }
     for name, values in expected.items():
         np.testing.assert_allclose(per_step(getattr(schedules, name)), values, rtol=1e-12, atol=0, err_msg=name)
-    assert schedules.freeze_last_layer_steps == round(0.6 * steps_per_epoch)
+    assert schedules.freeze_last_layer_steps == round(0.7 * steps_per_epoch)  # 4 of 5, 5 of 7
     for step in range(total):
         values = schedules.group_values(step)
         assert values["model"] == pytest.approx((expected["lr"][step], expected["weight_decay"][step]), rel=1e-12)
