@@ -135,6 +135,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, re
     run_dir = tmp_path / "run"
     report = launch(tmp_path / "out", run_dir, per_rank(extra + clip))
     assert report["world_size"] == 2 and report["step"] == STEPS
+    assert report["units_sharded_after_forward"] == (True if strategy == "fsdp" else None)  # reshard by default
     assert_same_losses(step_losses(run_dir), reference_losses, range(1, STEPS + 1))
     assert_same_teachers(torch.load(tmp_path / "out" / "teachers.pt"), reference_teachers)
     # The EMA of sharded teachers touches local shards only; the centre all-reduce shows the count works.
@@ -181,6 +182,15 @@ def test_zero2_with_clipping_and_the_last_layer_freeze_matches_one_process(tmp_p
         assert len(last_layers) == 4  # direction and norm of both heads' weight-normalised layers
         assert all(torch.equal(state[key], initial_state[key]) for key in last_layers)
         assert not torch.equal(state["mlp_head.mlp.0.weight"], initial_state["mlp_head.mlp.0.weight"])
+
+
+def test_fsdp_without_reshard_after_forward_keeps_units_gathered_and_trains_the_same(tmp_path, references):
+    _, reference_losses, reference_teachers = references["clipped"]
+    report = launch(tmp_path / "out", tmp_path / "run",
+                    per_rank(["parallel.strategy=fsdp", "parallel.reshard_after_forward=false", *CLIPPED]))
+    assert report["units_sharded_after_forward"] is False
+    assert_same_losses(step_losses(tmp_path / "run"), reference_losses, range(1, STEPS + 1))
+    assert_same_teachers(torch.load(tmp_path / "out" / "teachers.pt"), reference_teachers)
 
 
 def test_dcp_checkpoint_reshards_between_one_and_two_processes(tmp_path, references):
