@@ -7,9 +7,9 @@ noise (losses rtol 1e-4; weights atol 2e-5, rtol 1e-4). DeepSpeed clips the glob
 the last layers through a zero learning rate (see engine/strategies/zero.py), so the per-stage comparisons run
 with clipping and freezing off on both sides, and one ZeRO-2 run keeps both on against a one-process reference
 whose clipping is a global-norm clip written here; the others keep DINO's per-parameter clipping, tightened to
-0.05 so that it acts, and the first-epoch freeze (all STEPS steps lie in the first epoch). Every run has BatchNorm in the MLP-Heads (head.mlp_batchnorm: their
-GlobalBatchNorm must see the global batch too), and the ddp run takes Sinkhorn-Knopp targets, whose
-normalisations must sum over both ranks.
+0.05 so that it acts, and the first-epoch freeze (all STEPS steps lie in the first epoch). Every run has
+BatchNorm in the MLP-Heads (head.mlp_batchnorm: their GlobalBatchNorm must see the global batch too), and the ddp
+run takes Sinkhorn-Knopp targets, whose normalisations must sum over both ranks.
 """
 
 from __future__ import annotations

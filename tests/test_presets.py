@@ -55,9 +55,11 @@ def test_imagenet_preset_pair_has_the_paper_shapes_on_the_meta_device(tmp_path, 
         assert sum(p.numel() for p in network.mlp_head.parameters()) == mlp_head_parameters(WIDTHS[name])
         out = network(crops)
         width, stride = WIDTHS[name], 16 if name.startswith("vit") else 32
-        assert out.pooled.shape == (20, width)
-        assert [(f.tokens.shape, f.grid) for f in out.features] == [
-            ((4, (224 // stride) ** 2, width), (224 // stride,) * 2), ((16, (96 // stride) ** 2, width), (96 // stride,) * 2)]
+        assert out.pooled.shape == (20, width)  # 2 globals + 8 locals of 2 images
+        # One backbone pass per resolution: the 2 x 2 globals on a 224 / stride grid, the 8 x 2 locals on 96 / stride.
+        assert [(tuple(f.tokens.shape), f.grid) for f in out.features] == [
+            ((4, (224 // stride) ** 2, width), (224 // stride,) * 2),
+            ((16, (96 // stride) ** 2, width), (96 // stride,) * 2)]
         assert out.mlp_logits.shape == out.thead_logits.shape == (20, K)
         assert out.queries.shape == (20, thead_width)
         assert network.thead.last_layer.weight_v.shape == (K, thead_width)
