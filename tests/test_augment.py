@@ -17,11 +17,12 @@ from PIL import Image, ImageFilter
 from torchvision.transforms import InterpolationMode
 
 from helpers import tiny_config
+from test_shards import _id_shards
 from mokd.data import (DecodeAndDraw, DeviceMultiCrop, MultiCropTransform, SyntheticDataset, build_train_loader,
                        collate_crops, collate_decoded)
 from mokd.data import device_augment as D
 from mokd.data.loader import ResumableBatchSampler, seeded_transform
-from mokd.engine.trainer import Trainer
+from mokd.engine.trainer import Trainer, build_train_data
 
 CPU = torch.device("cpu")
 MEAN3, STD3 = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -302,3 +303,44 @@ def test_augment_device_mode_trains_the_tiny_config(tmp_path) -> None:
     assert trainer.step == 3
     records = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert len(records) == 3 and all("nan" not in line for line in records)
+
+
+def source_overrides(source: str, root) -> list[str]:
+    """data.* overrides for a small training split of `source` (files written under `root`)."""
+    if source == "fashion_mnist":
+        return ["data.source=fashion_mnist", "data.train_samples=16"]
+    rng = np.random.default_rng(4)
+    if source == "imagefolder":
+        for index in range(16):  # JPEGs of different sizes, in two classes
+            folder = root / "train" / f"class_{index % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            natural_image(rng, int(rng.integers(20, 48)), int(rng.integers(20, 48))).save(folder / f"{index}.jpg")
+        return ["data.source=imagefolder", f"data.root={root}"]
+    return ["data.source=webdataset", f"data.shards={_id_shards(root, 16, 4)}", "data.shard_channels=3",
+            "data.shuffle_buffer=4"]
+
+
+# Measured (mean, p99, max) in 0-255: Fashion-MNIST 0.009 / 0 / 2, ImageFolder JPEGs 0 / 0 / 0, the shards'
+# noisy 24 px ramps (test_shards' images, pixel noise sigma 20) 0.077 / 2 / 7.
+SOURCE_BOUNDS = {"fashion_mnist": (0.02, 1.0), "imagefolder": (0.02, 1.0), "webdataset": (0.1, 2.0)}
+
+
+@pytest.mark.parametrize("source", sorted(SOURCE_BOUNDS))
+def test_augment_device_mode_on_each_source_gives_the_workers_crops(tmp_path, source: str) -> None:
+    overrides = source_overrides(source, tmp_path / "data")
+    batches = {}
+    for mode in ("workers", "device"):
+        config = tiny_config(tmp_path / mode, extra=[*overrides, f"data.augment={mode}"])
+        _, loader, position = build_train_data(config)
+        position.set_epoch(0)
+        batches[mode] = next(iter(loader))
+    (crops, labels), (decoded, device_labels) = batches["workers"], batches["device"]
+    assert isinstance(decoded, D.DecodedBatch) and decoded.images.dtype == torch.uint8
+    assert torch.equal(labels, device_labels)
+    transform = D.multicrop_transform(config.data, crops[0].shape[1])
+    device_crops = DeviceMultiCrop(transform)(decoded, CPU)
+    gap = torch.cat([(levels(a, transform) - levels(b, transform)).abs().flatten()
+                     for a, b in zip(crops, device_crops)]).double()
+    stats = float(gap.mean()), float(torch.quantile(gap, 0.99)), float(gap.max())
+    report(f"first batch of {source}", stats)
+    assert stats[0] <= SOURCE_BOUNDS[source][0] and stats[1] <= SOURCE_BOUNDS[source][1], stats
