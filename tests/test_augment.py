@@ -196,8 +196,7 @@ def test_augment_pixels_per_operation_match_pil() -> None:
 def test_augment_normalisation_is_bitwise_totensor_normalize() -> None:
     image = natural_image(np.random.default_rng(5), 20, 30)
     reference = TF.normalize(TF.to_tensor(image), MEAN3, STD3)
-    mean, std = (torch.tensor(v)[:, None, None] for v in (MEAN3, STD3))
-    assert torch.equal(pixels_of(image)[0].div(255).sub(mean).div(std), reference)
+    assert torch.equal(D.normalise(pixels_of(image), MEAN3, STD3)[0], reference)
 
 
 # ---- the whole chain -----------------------------------------------------------------------------------------

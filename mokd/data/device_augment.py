@@ -322,6 +322,12 @@ def solarize(pixels: torch.Tensor, threshold: int) -> torch.Tensor:
     return torch.where(pixels >= threshold, 255 - pixels, pixels)
 
 
+def normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """ToTensor's division by 255, then Normalize, in their order and precision: equal to the PIL path's bits."""
+    mean_, std_ = (torch.tensor(v, dtype=torch.float32, device=pixels.device)[:, None, None] for v in (mean, std))
+    return pixels.div(255).sub(mean_).div(std_)
+
+
 _JITTER = {BRIGHTNESS: adjust_brightness, CONTRAST: adjust_contrast, SATURATION: adjust_saturation, HUE: adjust_hue}
 
 
@@ -366,14 +372,12 @@ class DeviceMultiCrop:
         images, parameters = batch.to(device)
         count = images.shape[0]
         crops: list[Optional[torch.Tensor]] = [None] * len(self.sizes)
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=device)[:, None, None]
-        std = torch.tensor(self.std, dtype=torch.float32, device=device)[:, None, None]
         for size in dict.fromkeys(self.sizes):
             positions = [p for p, s in enumerate(self.sizes) if s == size]
             chosen = parameters[:, positions].transpose(0, 1).reshape(-1, N_PARAMETERS)  # position-major
             image_index = torch.arange(count, device=device).repeat(len(positions))
             pixels = augment_crops(images, image_index, chosen, size, self.solarize_threshold)
-            normalised = pixels.div(255).sub(mean).div(std)  # ToTensor + Normalize, in their order
+            normalised = normalise(pixels, self.mean, self.std)
             for slot, position in enumerate(positions):
                 crops[position] = normalised[slot * count:(slot + 1) * count]
         return crops
