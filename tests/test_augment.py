@@ -343,3 +343,20 @@ def test_augment_device_mode_on_each_source_gives_the_workers_crops(tmp_path, so
     stats = float(gap.mean()), float(torch.quantile(gap, 0.99)), float(gap.max())
     report(f"first batch of {source}", stats)
     assert stats[0] <= SOURCE_BOUNDS[source][0] and stats[1] <= SOURCE_BOUNDS[source][1], stats
+
+
+def test_augment_device_batches_resume_exactly_mid_epoch() -> None:
+    """The decoded images and every crop's parameters of a resumed epoch are those of the uninterrupted one."""
+    dataset = SyntheticDataset(40, 20, 4, 3, seed=2, split="train")
+    draw = DecodeAndDraw(multicrop(3, global_size=16, local_size=8, locals_=2))
+    loader, sampler = build_train_loader(dataset, draw, 8, seed=5, num_workers=0, collate=collate_decoded)
+    sampler.set_epoch(3)
+    whole = list(loader)
+    sampler.set_epoch(3)
+    sampler.set_start_batch(2)
+    resumed = list(loader)
+    assert len(resumed) == len(whole) - 2
+    for (batch, labels), (again, labels_again) in zip(whole[2:], resumed):
+        assert torch.equal(batch.images, again.images) and torch.equal(labels, labels_again)
+        assert torch.equal(batch.parameters.nan_to_num(-7), again.parameters.nan_to_num(-7))
+    assert not torch.equal(whole[0][0].parameters.nan_to_num(-7), whole[1][0].parameters.nan_to_num(-7))
