@@ -360,3 +360,14 @@ def test_augment_device_batches_resume_exactly_mid_epoch() -> None:
         assert torch.equal(batch.images, again.images) and torch.equal(labels, labels_again)
         assert torch.equal(batch.parameters.nan_to_num(-7), again.parameters.nan_to_num(-7))
     assert not torch.equal(whole[0][0].parameters.nan_to_num(-7), whole[1][0].parameters.nan_to_num(-7))
+
+
+def test_augment_resample_in_chunks_equals_one_product(monkeypatch) -> None:
+    """Large batches are resampled a few crops at a time (memory); the result is the same."""
+    rng = np.random.default_rng(8)
+    images = torch.stack([D.image_tensor(natural_image(rng, 40, 50), "RGB") for _ in range(3)])
+    boxes = torch.tensor([[0, 0, 40, 50], [5, 3, 30, 41], [10, 10, 24, 17], [0, 0, 12, 44], [1, 2, 39, 48]])
+    index = torch.tensor([0, 1, 2, 0, 2])
+    whole = D.resized_crops(images, index, boxes, 24)
+    monkeypatch.setattr(D, "_RESAMPLE_ELEMENTS", 3 * 40 * 50 * 2)  # two crops per product
+    assert torch.equal(D.resized_crops(images, index, boxes, 24), whole)

@@ -163,6 +163,11 @@ def _fixed_point_to_uint8(sums: torch.Tensor) -> torch.Tensor:
     return torch.floor((sums + (1 << (_PRECISION_BITS - 1))) / (1 << _PRECISION_BITS)).clamp(0, 255)
 
 
+# Crops resampled together at most: the float64 crop regions of a batch of ImageNet images would otherwise take
+# gigabytes (2 x 64 global crops of up to 500 x 600 px).
+_RESAMPLE_ELEMENTS = 1 << 25
+
+
 def resized_crops(images: torch.Tensor, image_index: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Pillow's img.crop(box).resize((size, size), BICUBIC) for N crops at once: [N, C, size, size] float32.
 
@@ -171,13 +176,17 @@ def resized_crops(images: torch.Tensor, image_index: torch.Tensor, boxes: torch.
     """
     top, left, height, width = boxes.long().unbind(dim=1)
     span_h, span_w = int(height.max()), int(width.max())
+    chunk = max(1, _RESAMPLE_ELEMENTS // (images.shape[1] * span_h * span_w))
+    if len(boxes) > chunk:
+        return torch.cat([resized_crops(images, image_index[begin:begin + chunk], boxes[begin:begin + chunk], size)
+                          for begin in range(0, len(boxes), chunk)])
     rows = (top[:, None] + torch.arange(span_h, device=images.device)).clamp(max=images.shape[2] - 1)
     cols = (left[:, None] + torch.arange(span_w, device=images.device)).clamp(max=images.shape[3] - 1)
     region = images[image_index[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # [N, span_h, span_w, C]
     region = region.permute(0, 3, 1, 2).to(torch.float64)
     horizontal = resample_weights(width, size, span_w)  # [N, size, span_w]
     vertical = resample_weights(height, size, span_h)  # [N, size, span_h]
-    # Horizontal pass first, rounded to uint8, as Pillow's ImagingResampleInner.
+    # Horizontal pass first, rounded to uint8, as Pillow's ImagingResampleInner up to Pillow 12.
     passed = _fixed_point_to_uint8(region @ horizontal.transpose(1, 2)[:, None])  # [N, C, span_h, size]
     return _fixed_point_to_uint8(vertical[:, None] @ passed).to(torch.float32)
 
