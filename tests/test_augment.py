@@ -46,9 +46,9 @@ def pixels_of(image: Image.Image) -> torch.Tensor:
     return D.image_tensor(image, image.mode).float()[None]
 
 
-def difference(reference: torch.Tensor, device: torch.Tensor) -> tuple[float, float, float]:
-    """(mean, 99th percentile, max) of |reference - device| in 0-255 levels."""
-    gap = (reference.double() - device.double()).abs().flatten()
+def gap_statistics(gaps: list[torch.Tensor]) -> tuple[float, float, float]:
+    """(mean, 99th percentile, max) of absolute differences in 0-255 levels, over all of `gaps`."""
+    gap = torch.cat([piece.flatten() for piece in gaps]).double()
     return float(gap.mean()), float(torch.quantile(gap, 0.99)), float(gap.max())
 
 
@@ -186,8 +186,7 @@ def test_augment_pixels_per_operation_match_pil() -> None:
         assert reference.shape == device.shape, name
         gaps.setdefault(name, []).append((reference.double() - device.double()).abs().flatten())
     for name, pieces in gaps.items():
-        gap = torch.cat(pieces)
-        stats = float(gap.mean()), float(torch.quantile(gap, 0.99)), float(gap.max())
+        stats = gap_statistics(pieces)
         report(name, stats)
         mean_bound, p99_bound = OPERATION_BOUNDS.get(name, (0.0, 0.0))
         assert stats[0] <= mean_bound and stats[1] <= p99_bound, (name, stats)
@@ -222,8 +221,7 @@ def test_augment_whole_chain_matches_the_pil_transform(channels: int) -> None:
         reference = torch.stack([sample[position] for sample in references])
         assert crop.shape == reference.shape and crop.dtype == reference.dtype
         gaps.append((levels(reference, transform) - levels(crop, transform)).abs().flatten())
-    gap = torch.cat(gaps).double()
-    stats = float(gap.mean()), float(torch.quantile(gap, 0.99)), float(gap.max())
+    stats = gap_statistics(gaps)
     report(f"whole chain ({channels} channels)", stats)
     assert stats[0] <= CHAIN_BOUNDS[channels][0] and stats[1] <= CHAIN_BOUNDS[channels][1], stats
     # Most crops are identical to PIL's to the last bit.
@@ -287,8 +285,7 @@ def test_augment_device_loader_gives_the_workers_crops_with_worker_processes() -
         assert torch.equal(labels, device_labels)
         for reference, crop in zip(crops, device(decoded, CPU)):
             gaps.append((levels(reference, transform) - levels(crop, transform)).abs().flatten())
-    gap = torch.cat(gaps).double()
-    stats = float(gap.mean()), float(torch.quantile(gap, 0.99)), float(gap.max())
+    stats = gap_statistics(gaps)
     report("loader, synthetic images", stats)
     # The synthetic gratings carry strong pixel noise (sigma 20 levels), which the resample's two orders round
     # apart more often than the smoother images above: measured mean 0.034, p99 1, max 7.
@@ -338,9 +335,7 @@ def test_augment_device_mode_on_each_source_gives_the_workers_crops(tmp_path, so
     assert torch.equal(labels, device_labels)
     transform = D.multicrop_transform(config.data, crops[0].shape[1])
     device_crops = DeviceMultiCrop(transform)(decoded, CPU)
-    gap = torch.cat([(levels(a, transform) - levels(b, transform)).abs().flatten()
-                     for a, b in zip(crops, device_crops)]).double()
-    stats = float(gap.mean()), float(torch.quantile(gap, 0.99)), float(gap.max())
+    stats = gap_statistics([(levels(a, transform) - levels(b, transform)).abs() for a, b in zip(crops, device_crops)])
     report(f"first batch of {source}", stats)
     assert stats[0] <= SOURCE_BOUNDS[source][0] and stats[1] <= SOURCE_BOUNDS[source][1], stats
 
