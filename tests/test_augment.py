@@ -327,7 +327,7 @@ def test_augment_device_mode_on_each_source_gives_the_workers_crops(tmp_path, so
     batches = {}
     for mode in ("workers", "device"):
         config = tiny_config(tmp_path / mode, extra=[*overrides, f"data.augment={mode}"])
-        _, loader, position = build_train_data(config)
+        _, loader, position, _ = build_train_data(config)
         position.set_epoch(0)
         batches[mode] = next(iter(loader))
     (crops, labels), (decoded, device_labels) = batches["workers"], batches["device"]

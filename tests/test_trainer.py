@@ -126,7 +126,7 @@ def test_self_mlp_only_pair_equals_two_independent_dino_runs(tmp_path):
     assert trainer.students[0].thead is None
     trainer.train()
 
-    _, loader, sampler = build_train_data(config)
+    _, loader, sampler, _ = build_train_data(config)
     sampler.set_epoch(0)
     batches = [crops for crops, _ in list(loader)[:3]]
     for which in (0, 1):

@@ -28,7 +28,6 @@ from mokd.engine.guard import StepGuard, non_finite_flags, non_finite_module
 from mokd.engine.metrics import MetricsLogger
 from mokd.engine.optim import build_optimizer
 from mokd.engine.perf import apply_perf
-from mokd.signals import StopRequest
 from mokd.engine.resume_check import check_resume
 from mokd.engine.run_lock import RunLock, check_run_directory
 from mokd.engine.runtime import (autocast, autocast_dtype, describe_precision, peak_memory_bytes, resolve_device,
@@ -40,11 +39,13 @@ from mokd.method.monitors import feature_statistics
 from mokd.method.network import Network
 from mokd.method.pair import build_network, build_pair, thead_follows_other
 from mokd.method.schedules import ModelSchedules
+from mokd.signals import StopRequest
 
 
 def build_train_data(config: MOKDConfig, rank: int = 0, world_size: int = 1):
-    """The training dataset, its loader, and the loader's position (set_epoch, set_start_batch, len: the
-    ResumableBatchSampler, or for shards the ShardLoader itself)."""
+    """The training dataset, its loader, the loader's position (set_epoch, set_start_batch, len: the
+    ResumableBatchSampler, or for shards the ShardLoader itself), and the step that turns a loader batch into crop
+    tensors on the device (data.augment=device augments there)."""
     data = config.data
     dataset = dataset_for(data, "train", config.train.seed)
     if data.source != "webdataset":  # shards are never indexed for training: the manifest has the counts
@@ -53,11 +54,11 @@ def build_train_data(config: MOKDConfig, rank: int = 0, world_size: int = 1):
     if data.source == "webdataset":
         loader = shard_train_loader(data, augmentation.transform, config.train.batch_size, config.train.seed, rank,
                                     world_size, augmentation.collate)
-        return dataset, loader, loader
+        return dataset, loader, loader, augmentation.to_device
     loader, sampler = build_train_loader(dataset, augmentation.transform, config.train.batch_size, config.train.seed,
                                          data.num_workers, rank=rank, world_size=world_size,
                                          collate=augmentation.collate)
-    return dataset, loader, sampler
+    return dataset, loader, sampler, augmentation.to_device
 
 
 FEATURE_MONITOR_TAGS = {"mean_cosine": "feature_cosine", "effective_rank": "feature_rank"}
@@ -80,9 +81,8 @@ class Trainer:
         if self.world.is_main:
             print(describe_precision(config.train.precision, self.device), flush=True)
 
-        self.dataset, self.loader, self.sampler = build_train_data(config, self.world.rank, self.world.world_size)
-        # data.augment=device: the loader's batches are decoded images, augmented here on self.device
-        self.batch_to_crops = train_augmentation(config.data, self.dataset.channels).to_device
+        self.dataset, self.loader, self.sampler, self.batch_to_crops = build_train_data(config, self.world.rank,
+                                                                                        self.world.world_size)
         self.steps_per_epoch = len(self.sampler)
         if self.steps_per_epoch == 0:
             raise DataError(f"train.batch_size={config.train.batch_size} is larger than the {len(self.dataset)} "
