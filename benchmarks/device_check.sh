@@ -12,7 +12,10 @@
 #      JSON and log, a time budget and a hard timeout. (2026-11-28, H200: one pass of baseline + compiled fast for
 #      R101-ViT-B and R50-ViT-S did not finish the first group in 280 s: compiling both models of the pair takes
 #      minutes, and a group's JSON is written only when the whole group is done.)
-# Usage on the device machine:  bash benchmarks/device_check.sh [all|kernels|throughput]   (results under $OUT,
+#   5. data.augment=device: decode + parameter draws (one CPU thread) and the device stage on the GPU for 2 x 224 +
+#      10 x 96 crops of generated ImageNet-sized JPEGs, batches of 64, and the GPU's crops against the CPU's for 4
+#      images (benchmarks/augmentation.py; about a minute).
+# Usage on the device machine:  bash benchmarks/device_check.sh [all|kernels|throughput|augmentation]   (results under $OUT,
 # default benchmarks/results; a section name runs that section alone)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +56,10 @@ if [[ $section == all || $section == throughput ]]; then
     --modes baseline,fast --no-compile --warmup 3 --steps 5 --time-budget 120 --json "$OUT/throughput_cuda_eager.json"
   step throughput_compiled timeout 240 python3 benchmarks/throughput.py --preset r101_vit_b --batch 128 \
     --modes fast --warmup 3 --steps 5 --json "$OUT/throughput_cuda_compiled.json"
+fi
+if [[ $section == all || $section == augmentation ]]; then
+  step augmentation_cuda timeout 180 python3 benchmarks/augmentation.py --device cuda --stages decode,device \
+    --images 128 --batch-size 64 --runs 3 --json "$OUT/augmentation_cuda.json"
 fi
 
 if ((${#failed[@]})); then echo "FAILED: ${failed[*]}"; exit 1; fi

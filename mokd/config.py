@@ -174,6 +174,10 @@ class DataConfig:
     blur_sigma: list[float] = option([0.1, 2.0], "Gaussian-blur radius range at 224 px; each crop scales it by "
                                      "its side / 224 (DINO's 0.1-2 px is meant for 224 px crops)")
     num_workers: int = option(2, "data-loading worker processes", NON_NEGATIVE)
+    augment: str = option("workers", "where the training multi-crop augmentation runs: workers (PIL, per image, in "
+                          "the data workers) | device (workers only decode and draw every crop's random parameters "
+                          "from the same per-sample seed; the training device crops, resizes and colours whole "
+                          "batches with them, equal to PIL's pixels on CPU; docs/data.md)")
     train_samples: int = option(0, "train on a fixed random subset of this many images (0: the whole split)",
                                 NON_NEGATIVE)
     validation_samples: int = option(0, "carve this many fixed images from the training split as the validation "
@@ -330,6 +334,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.kernel": ("auto", "triton", "native", "torch", "reference"),
     "data.source": ("fashion_mnist", "imagefolder", "synthetic", "webdataset"),
     "data.shard_statistics": ("imagefolder", "fashion_mnist", "synthetic"),
+    "data.augment": ("workers", "device"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "parallel.strategy": ("single", "ddp", "fsdp", "deepspeed"),

@@ -5,7 +5,8 @@
 Trains the tiny test pair with the given overrides (run_dir, parallel.strategy, ...), then writes on rank 0:
   OUT_DIR/teachers.pt   both teachers' full weights after training
   OUT_DIR/report.json   the collectives a teacher EMA update issued (must be none) and, as a positive control,
-                        the ones the centre all-reduce issued; each rank's memory report
+                        the ones the centre all-reduce issued; each rank's memory report; under fsdp, whether a
+                        student's sharding units hold sharded parameters right after a forward
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,6 +37,19 @@ def collectives_issued(fn) -> list[str]:
     return [event.name for event in prof.events() if event.name.startswith("c10d::")]
 
 
+def units_sharded_after_forward(trainer: Trainer) -> Optional[bool]:
+    """fsdp only: whether the first student's sharding units (residual blocks, MLP-Head) hold their sharded
+    DTensor parameters right after a forward (parallel.reshard_after_forward) or the gathered plain tensors."""
+    if trainer.config.parallel.strategy != "fsdp":
+        return None
+    student = trainer.students[0]
+    side = trainer.config.data.global_crop_size
+    student([torch.randn(2, student.backbone.in_chans, side, side)] * 2)
+    units = [module for module in student.modules() if isinstance(module, FSDPModule) and module is not student]
+    (sharded,) = {isinstance(p, DTensor) for unit in units for p in unit.parameters()}
+    return sharded
+
+
 def main() -> None:
     out, overrides = Path(sys.argv[1]), sys.argv[2:]
     config = tiny_config(Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("run_dir="))),
@@ -45,11 +62,13 @@ def main() -> None:
     control = collectives_issued(lambda: CentreSync(centres, torch.ones(centres.shape[0]), async_op=False).wait())
     memory = [None] * trainer.world.world_size
     dist.all_gather_object(memory, trainer.strategy.memory_report())
+    sharded_after_forward = units_sharded_after_forward(trainer)  # last: it leaves a forward without backward
     if trainer.world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(teachers, out / "teachers.pt")
         report = {"ema_collectives": ema, "control_collectives": control, "memory": memory,
-                  "world_size": trainer.world.world_size, "step": trainer.step}
+                  "world_size": trainer.world.world_size, "step": trainer.step,
+                  "units_sharded_after_forward": sharded_after_forward}
         (out / "report.json").write_text(json.dumps(report, indent=1))
     dist.barrier()
     dist.destroy_process_group()

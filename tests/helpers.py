@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from mokd.config import MOKDConfig, load_config
@@ -34,3 +35,24 @@ def tiny_config(run_dir: Path, model1: list[str] = TINY_RESNET, model2: list[str
         *extra,
     ]
     return load_config(None, overrides)
+
+
+# Reference schedules, written from their formulas (DINO's utils.cosine_scheduler and DINOLoss temperature schedule),
+# for tests to hold the engine's precomputed schedules against.
+
+def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int = 0) -> list[float]:
+    """Linear warm-up from 0 (base * t / warmup_steps: the peak is reached at the first cosine step), then
+    final + (base - final) (1 + cos(pi t' / T')) / 2 over the T' remaining steps, t' counted from the warm-up's end."""
+    values = []
+    for t in range(total_steps):
+        if t < warmup_steps:
+            values.append(base * t / warmup_steps)
+        else:
+            progress = (t - warmup_steps) / (total_steps - warmup_steps)
+            values.append(final + 0.5 * (base - final) * (1 + math.cos(math.pi * progress)))
+    return values
+
+
+def linear_then_constant(start: float, end: float, total_steps: int, warmup_steps: int) -> list[float]:
+    """start + (end - start) t / warmup_steps during the warm-up, end after it (teacher temperature)."""
+    return [start + (end - start) * t / warmup_steps if t < warmup_steps else end for t in range(total_steps)]

@@ -25,7 +25,7 @@ def main(out: Path, overrides: list[str]) -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     config = load_config(None, overrides)
-    _, loader, position = build_train_data(config, rank, world_size)
+    _, loader, position, _ = build_train_data(config, rank, world_size)
     position.set_epoch(0)
     labels = [int(label) for _, batch_labels in loader for label in batch_labels]
     mine = {"length": len(position), "batches": len(labels) // config.train.batch_size, "labels": labels}

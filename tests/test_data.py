@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torch.utils.data import Subset
+from torchvision import transforms as T
 
 from mokd.data import (
     EvalTransform,
@@ -30,6 +31,7 @@ from mokd.data import (
 )
 from mokd.data import fashion_mnist
 from mokd.data.fashion_mnist import ENV_VAR
+from mokd.data.transforms import _RandomGaussianBlur
 
 
 # ---------------------------------------------------------------------------------------------- Fashion-MNIST
@@ -226,16 +228,75 @@ def test_multicrop_count_shapes_and_channels(channels: int, mode: str, size: tup
     assert all(c.dtype == torch.float32 and torch.isfinite(c).all() for c in crops)
 
 
-def test_multicrop_grayscale_many_draws() -> None:
-    """Every augmentation branch (jitter, blur, solarise) is hit on one-channel images without error."""
-    transform = _multicrop(1, n_local=2)
-    image = _random_image("L", (28, 28))
-    torch.manual_seed(0)
-    random.seed(0)
-    for _ in range(60):
-        crops = transform(image.convert("RGB"))
-        assert all(c.shape[0] == 1 for c in crops)
-    assert _multicrop(3, n_local=0)(image)[0].shape == (3, 24, 24)  # "L" input promoted to RGB
+def _forced(transform: MultiCropTransform, flip: float, jitter: float, grayscale: float, blur: float,
+            solarise: float) -> MultiCropTransform:
+    """The same transform with every random branch's probability set (0: never, 1: always)."""
+    kinds = ((T.RandomHorizontalFlip, flip), (T.RandomApply, jitter), (T.RandomGrayscale, grayscale),
+             (_RandomGaussianBlur, blur), (T.RandomSolarize, solarise))
+    for pipeline in (transform.global_1, transform.global_2, transform.local):
+        for step in pipeline.transforms:
+            for kind, p in kinds:
+                if isinstance(step, kind):
+                    step.p = p
+    return transform
+
+
+def _whole_image_crops(channels: int) -> MultiCropTransform:
+    """Crops of the whole 24 x 24 image at 24 px: scale (1, 1) on a square image leaves RandomResizedCrop only its
+    fallback, the full image, and a resize to the same size copies the pixels."""
+    mean, std = dataset_statistics("synthetic", channels)
+    return MultiCropTransform(24, 24, 1, (1.0, 1.0), (1.0, 1.0), mean, std, channels)
+
+
+def _normalised(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W] or [H, W, 3] -> [C, H, W] with the synthetic statistics (0.5, 0.5)."""
+    values = torch.from_numpy(pixels.astype(np.float64) / 255)
+    values = values.unsqueeze(0) if values.dim() == 2 else values.permute(2, 0, 1)
+    return ((values - 0.5) / 0.5).float()
+
+
+def test_multicrop_with_nothing_random_applied_gives_the_image_itself() -> None:
+    pixels = np.random.default_rng(10).integers(0, 256, (24, 24, 3), np.uint8)
+    crops = _forced(_whole_image_crops(3), 0, 0, 0, 0, 0)(Image.fromarray(pixels))
+    assert len(crops) == 3
+    for crop in crops:
+        torch.testing.assert_close(crop, _normalised(pixels), rtol=0, atol=1e-6)
+
+
+def test_flip_grayscale_and_solarise_give_the_literal_pixels() -> None:
+    """Always flipped, greyed and (global 2) solarised: the mirror image, luma 0.299 R + 0.587 G + 0.114 B in all
+    three channels, and every level >= 128 replaced by 255 - level; within one level (PIL's fixed-point luma)."""
+    pixels = np.random.default_rng(11).integers(0, 256, (24, 24, 3), np.uint8)
+    crops = _forced(_whole_image_crops(3), 1, 0, 1, 0, 1)(Image.fromarray(pixels))
+    mirrored = pixels[:, ::-1].astype(np.float64)
+    luma = np.rint(mirrored @ np.array([0.299, 0.587, 0.114]))
+    solarised = np.where(luma >= 128, 255 - luma, luma)
+    one_level = 2 / 255 + 1e-6  # one grey level after (x / 255 - 0.5) / 0.5
+    for crop, expected in ((crops[0], luma), (crops[1], solarised), (crops[2], luma)):
+        expected = _normalised(np.repeat(expected[..., None], 3, axis=2).astype(np.uint8))
+        torch.testing.assert_close(crop, expected, rtol=0, atol=one_level)
+        assert ((crop - expected).abs() > 1e-6).float().mean() < 0.1  # off by a level only at rounding ties
+
+
+def test_one_channel_flip_and_solarise_give_the_literal_pixels() -> None:
+    pixels = np.random.default_rng(12).integers(0, 256, (24, 24), np.uint8)
+    crops = _forced(_whole_image_crops(1), 1, 0, 1, 0, 1)(Image.fromarray(pixels))
+    mirrored = pixels[:, ::-1]
+    solarised = np.where(mirrored >= 128, 255 - mirrored, mirrored).astype(np.uint8)
+    for crop, expected in ((crops[0], mirrored), (crops[1], solarised), (crops[2], mirrored)):
+        torch.testing.assert_close(crop, _normalised(np.ascontiguousarray(expected)), rtol=0, atol=1e-6)
+
+
+def test_blur_radius_scales_with_the_crop_side() -> None:
+    """Global 1 always blurs, with a radius drawn from blur_sigma scaled by side / 224: at 24 px a (14, 14) range
+    becomes exactly 1.5 px, so the crop equals PIL's Gaussian blur of radius 1.5 of the image."""
+    pixels = np.random.default_rng(13).integers(0, 256, (24, 24), np.uint8)
+    mean, std = dataset_statistics("synthetic", 1)
+    transform = MultiCropTransform(24, 24, 0, (1.0, 1.0), (1.0, 1.0), mean, std, 1, blur_sigma=(14.0, 14.0))
+    crop = _forced(transform, 0, 0, 0, 1, 0)(Image.fromarray(pixels))[0]
+    expected = np.asarray(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(radius=1.5)))
+    torch.testing.assert_close(crop, _normalised(expected), rtol=0, atol=1e-6)
+    assert not torch.equal(crop, _normalised(pixels))
 
 
 def test_multicrop_validates_normalisation_length() -> None:
@@ -256,12 +317,28 @@ def test_eval_transform_large_small_and_exact_sizes() -> None:
     assert gray(Image.new("RGB", (28, 28))).shape == (1, 28, 28)
 
 
-def test_dataset_statistics_per_source() -> None:
-    assert dataset_statistics("imagefolder") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+def test_fashion_mnist_statistics_are_those_of_the_real_train_split(fashion_train) -> None:
+    """The engine's constants against the mean and std of all 60000 x 784 train pixels; the constants are quoted
+    to four decimals, so they must lie within half a unit of the fourth decimal (5e-5)."""
+    counts = np.bincount(fashion_train.data.ravel(), minlength=256).astype(np.float64)  # a histogram of levels
+    levels = np.arange(256) / 255
+    pixel_mean = (counts * levels).sum() / counts.sum()
+    pixel_std = np.sqrt((counts * (levels - pixel_mean) ** 2).sum() / counts.sum())
     mean, std = dataset_statistics("fashion_mnist")
-    assert mean == pytest.approx((0.2860,), abs=1e-3) and std == pytest.approx((0.3530,), abs=1e-3)
+    assert mean == pytest.approx((pixel_mean,), abs=5e-5)
+    assert std == pytest.approx((pixel_std,), abs=5e-5)
+    assert dataset_statistics("fashion_mnist", 3) == (mean * 3, std * 3)
+
+
+def test_dataset_statistics_reduce_to_one_channel_with_the_luma_weights() -> None:
+    mean, std = dataset_statistics("imagefolder")
+    assert len(mean) == len(std) == 3
+    gray_mean, gray_std = dataset_statistics("imagefolder", 1)
+    assert gray_mean == pytest.approx((0.299 * mean[0] + 0.587 * mean[1] + 0.114 * mean[2],), abs=5e-5)
+    assert gray_std == pytest.approx((0.299 * std[0] + 0.587 * std[1] + 0.114 * std[2],), abs=5e-5)
     assert dataset_statistics("synthetic", 1) == ((0.5,), (0.5,))
-    assert len(dataset_statistics("fashion_mnist", 3)[0]) == 3 and len(dataset_statistics("imagefolder", 1)[1]) == 1
+    with pytest.raises(ValueError, match="unknown"):
+        dataset_statistics("cifar")
 
 
 # ---------------------------------------------------------------------------------------------------- Loading

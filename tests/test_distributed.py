@@ -4,11 +4,12 @@ Every strategy with 2 ranks of 4 images is compared with one process of 8 images
 the same images, crops, schedules and, through GlobalBatchNorm, the same BatchNorm statistics): the losses of
 each step (averaged over ranks) and the teachers' weights after 3 steps must agree to fp32 reduction-order
 noise (losses rtol 1e-4; weights atol 2e-5, rtol 1e-4). DeepSpeed clips the global gradient norm and freezes
-the last layers through a zero learning rate (see engine/strategies/zero.py), so its comparisons run with
-clipping and freezing off on both sides; the others keep DINO's per-parameter clipping, tightened to 0.05 so
-that it acts, and the first-epoch freeze. Every run has BatchNorm in the MLP-Heads (head.mlp_batchnorm: their
-GlobalBatchNorm must see the global batch too), and the ddp run takes Sinkhorn-Knopp targets, whose
-normalisations must sum over both ranks.
+the last layers through a zero learning rate (see engine/strategies/zero.py), so the per-stage comparisons run
+with clipping and freezing off on both sides, and one ZeRO-2 run keeps both on against a one-process reference
+whose clipping is a global-norm clip written here; the others keep DINO's per-parameter clipping, tightened to
+0.05 so that it acts, and the first-epoch freeze (all STEPS steps lie in the first epoch). Every run has
+BatchNorm in the MLP-Heads (head.mlp_batchnorm: their GlobalBatchNorm must see the global batch too), and the ddp
+run takes Sinkhorn-Knopp targets, whose normalisations must sum over both ranks.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from helpers import tiny_config
 from mokd.config import save_config
 from mokd.engine.plan import estimate
 from mokd.engine.trainer import Trainer
+from mokd.method.pair import build_pair
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 REPO = WORKER.parent.parent
@@ -37,6 +39,11 @@ UNCLIPPED = ["model1.optim.clip_grad=0", "model2.optim.clip_grad=0",
 COMMON = [f"train.max_steps={STEPS}", "checkpoint.every_steps=1", "checkpoint.keep_last=5", "train.log_every=1",
           "head.mlp_batchnorm=true"]
 SINKHORN = ["loss.centring=sinkhorn_knopp"]
+# Clipped, and the ViT on SGD with a learning rate large enough (from step 1) that the size of the clipped step
+# shows in the next losses (AdamW would divide the clipping factor out again; the tiny ResNet, at such a rate,
+# amplifies fp32 reduction-order noise past the tolerance within three steps).
+LOUD_CLIPPED = [*CLIPPED, "model2.optim.name=sgd", "model2.optim.base_lr=10", "model1.optim.warmup_epochs=0",
+                "model2.optim.warmup_epochs=0"]
 
 
 def launch(out: Path, run_dir: Path, overrides: list[str], processes: int = 2) -> dict:
@@ -82,6 +89,34 @@ def references(tmp_path_factory):
     return runs
 
 
+def step_metric(run_dir: Path, name: str) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[name] for r in records}
+
+
+@torch.no_grad()
+def global_norm_clip_(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Scale all of a model's gradients together by max_norm / (their joint norm + 1e-6) when that is below one,
+    as DeepSpeed's gradient_clipping does; return the joint norm before clipping."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+    if max_norm > 0 and norm + 1e-6 > max_norm:
+        for g in grads:
+            g.mul_(float(max_norm / (norm + 1e-6)))
+    return norm.float()
+
+
+@pytest.fixture(scope="module")
+def global_clip_reference(tmp_path_factory):
+    """One process, 8 images per step, each student's joint gradient norm clipped to 0.05, last layers frozen."""
+    run_dir = tmp_path_factory.mktemp("single_global_clip")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("mokd.engine.strategies.base.clip_gradients_", global_norm_clip_)
+        trainer = Trainer(tiny_config(run_dir, extra=COMMON + LOUD_CLIPPED), show_progress=False)
+        trainer.train()
+    return run_dir, trainer.strategy.teacher_state_dicts()
+
+
 def per_rank(extra: list[str]) -> list[str]:
     return ["train.batch_size=4", *COMMON, *extra]
 
@@ -100,6 +135,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, re
     run_dir = tmp_path / "run"
     report = launch(tmp_path / "out", run_dir, per_rank(extra + clip))
     assert report["world_size"] == 2 and report["step"] == STEPS
+    assert report["units_sharded_after_forward"] == (True if strategy == "fsdp" else None)  # reshard by default
     assert_same_losses(step_losses(run_dir), reference_losses, range(1, STEPS + 1))
     assert_same_teachers(torch.load(tmp_path / "out" / "teachers.pt"), reference_teachers)
     # The EMA of sharded teachers touches local shards only; the centre all-reduce shows the count works.
@@ -120,6 +156,41 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, re
     launch(tmp_path / "resumed", run_dir, per_rank(extra + clip))
     assert_same_losses(step_losses(run_dir), reference_losses, range(1, STEPS + 1))
     assert_same_teachers(torch.load(tmp_path / "resumed" / "teachers.pt"), reference_teachers)
+
+
+def test_zero2_with_clipping_and_the_last_layer_freeze_matches_one_process(tmp_path, global_clip_reference):
+    reference_dir, reference_teachers = global_clip_reference
+    run_dir = tmp_path / "run"
+    launch(tmp_path / "out", run_dir, per_rank(["parallel.strategy=deepspeed", "parallel.zero_stage=2", *LOUD_CLIPPED]))
+    assert_same_losses(step_losses(run_dir), step_losses(reference_dir), range(1, STEPS + 1))
+    teachers = torch.load(tmp_path / "out" / "teachers.pt")
+    assert_same_teachers(teachers, reference_teachers)
+    # Clipping acts at every step: the joint norms DeepSpeed measured before clipping are far above 0.05 (and
+    # equal the reference's).
+    for which in (1, 2):
+        norms = step_metric(run_dir, f"grad_norm/model{which}")
+        reference_norms = step_metric(reference_dir, f"grad_norm/model{which}")
+        for step in range(1, STEPS + 1):
+            assert norms[step] > 10 * 0.05
+            assert norms[step] == pytest.approx(reference_norms[step], rel=1e-4)
+    # The freeze acts: the teachers' last layers (EMAs of the students') are still the initial ones, while the
+    # rest moved.
+    _, initial = build_pair(tiny_config(run_dir, extra=COMMON + LOUD_CLIPPED), in_chans=1)
+    for state, teacher in zip(teachers, initial):
+        initial_state = teacher.state_dict()
+        last_layers = [key for key in initial_state if ".last_layer." in key]
+        assert len(last_layers) == 4  # direction and norm of both heads' weight-normalised layers
+        assert all(torch.equal(state[key], initial_state[key]) for key in last_layers)
+        assert not torch.equal(state["mlp_head.mlp.0.weight"], initial_state["mlp_head.mlp.0.weight"])
+
+
+def test_fsdp_without_reshard_after_forward_keeps_units_gathered_and_trains_the_same(tmp_path, references):
+    _, reference_losses, reference_teachers = references["clipped"]
+    report = launch(tmp_path / "out", tmp_path / "run",
+                    per_rank(["parallel.strategy=fsdp", "parallel.reshard_after_forward=false", *CLIPPED]))
+    assert report["units_sharded_after_forward"] is False
+    assert_same_losses(step_losses(tmp_path / "run"), reference_losses, range(1, STEPS + 1))
+    assert_same_teachers(torch.load(tmp_path / "out" / "teachers.pt"), reference_teachers)
 
 
 def test_dcp_checkpoint_reshards_between_one_and_two_processes(tmp_path, references):

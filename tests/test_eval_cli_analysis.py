@@ -13,8 +13,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mokd.config import load_config
 from mokd.eval.export import stock_timm_model
-from mokd.eval.run_evaluation import load_run
+from mokd.eval.run_evaluation import eval_loaders, load_run
 from mokd.launch.cli import main
+from test_eval_knn_analysis import literal_knn
 
 TINY_RUN = [
     "model1.backbone=resnet18", "model1.small_image=true", "model1.width=8",
@@ -37,6 +38,31 @@ def trained_run(tmp_path_factory):
     return run_dir
 
 
+def literal_run_predictions(run_dir) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each teacher's k-NN predictions on the run's test split, from its pooled features and the literal vote."""
+    config, teachers, _ = load_run(run_dir)
+    bank_loader, test_loader, classes = eval_loaders(config)
+    predictions = []
+    with torch.no_grad():
+        for teacher in teachers:
+            backbone = teacher.backbone.eval()
+            bank = torch.cat([backbone(images).pooled for images, _ in bank_loader])
+            test = torch.cat([backbone(images).pooled for images, _ in test_loader])
+            bank_labels = torch.cat([labels for _, labels in bank_loader])
+            predictions.append(literal_knn(bank, bank_labels, test, classes, config.eval.knn_k,
+                                           config.eval.knn_temperature))
+    return predictions, torch.cat([labels for _, labels in test_loader])
+
+
+def agreement(first: torch.Tensor, second: torch.Tensor) -> float:
+    return 100.0 * sum(int(a) == int(b) for a, b in zip(first, second)) / len(first)
+
+
+def assert_whole_images(top1: float, images: int) -> None:
+    """A top-1 in percent of `images` test images is a whole number of them."""
+    assert top1 * images / 100 == pytest.approx(round(top1 * images / 100), abs=1e-6), top1
+
+
 def assert_readable_png(path):
     with Image.open(path) as image:
         pixels = np.asarray(image.convert("RGB"))
@@ -46,11 +72,16 @@ def assert_readable_png(path):
 
 def test_train_ends_with_knn_linear_probe_and_plots(trained_run, capsys):
     results = json.loads((trained_run / "results.json").read_text())
-    for which in ("model1", "model2"):
-        assert 0.0 <= results[which]["knn_top1"] <= 100.0
-        assert 0.0 <= results[which]["linear_top1"] <= 100.0
+    predictions, test_labels = literal_run_predictions(trained_run)
+    for which in range(2):
+        row = results[f"model{which + 1}"]
+        assert row["knn_top1"] == pytest.approx(agreement(predictions[which], test_labels))
+        assert_whole_images(row["linear_top1"], len(test_labels))
     assert results["linear"]["epochs"] == 5
     analysis = results["analysis"]
+    assert analysis["prediction_consistency"] == {
+        "model1: resnet18 (width 8) vs model2: vit_tiny_patch16_224 (width 32)": pytest.approx(
+            agreement(*predictions))}
     assert len(analysis["attention_distance_px"]["model1: resnet18 (width 8)"]) == 4  # four ResNet stages
     assert len(analysis["attention_distance_px"]["model2: vit_tiny_patch16_224 (width 32)"]) == 2  # two blocks
     for name in FIGURES:
@@ -61,6 +92,7 @@ def test_train_ends_with_knn_linear_probe_and_plots(trained_run, capsys):
 
 
 def test_eval_linear_finetune_and_analyse_commands(trained_run, capsys):
+    (first, second), test_labels = literal_run_predictions(trained_run)
     assert main(["eval", "linear", "--run", str(trained_run), "eval.linear_epochs=3"]) == 0
     assert "linear" in capsys.readouterr().out
     assert json.loads((trained_run / "results.json").read_text())["linear"]["epochs"] == 3
@@ -69,7 +101,7 @@ def test_eval_linear_finetune_and_analyse_commands(trained_run, capsys):
     assert "finetune_10pct" in capsys.readouterr().out
     results = json.loads((trained_run / "results.json").read_text())
     assert results["finetune_10pct"]["labels"] == 10  # 10 % of 16 images rounds to 0: at least one per class
-    assert 0.0 <= results["model2"]["finetune_10pct_top1"] <= 100.0
+    assert_whole_images(results["model2"]["finetune_10pct_top1"], len(test_labels))
     assert "knn_top1" in results["model1"]  # merged, not overwritten
 
     for name in FIGURES:
@@ -77,8 +109,11 @@ def test_eval_linear_finetune_and_analyse_commands(trained_run, capsys):
     assert main(["eval", "analyse", "--run", str(trained_run), "--reference-run", str(trained_run)]) == 0
     assert "prediction consistency" in capsys.readouterr().out
     consistency = json.loads((trained_run / "results.json").read_text())["analysis"]["prediction_consistency"]
-    assert len(consistency) == 4  # this pair, the reference pair, each model against its reference
-    assert consistency["model1: resnet18 (width 8) vs reference model1: resnet18 (width 8)"] == 100.0
+    # This pair, the reference pair (the same run here), each model against its reference (itself).
+    m1, m2 = "model1: resnet18 (width 8)", "model2: vit_tiny_patch16_224 (width 32)"
+    assert consistency == {f"{m1} vs {m2}": pytest.approx(agreement(first, second)),
+                           f"reference {m1} vs reference {m2}": pytest.approx(agreement(first, second)),
+                           f"{m1} vs reference {m1}": 100.0, f"{m2} vs reference {m2}": 100.0}
     for name in FIGURES:
         assert_readable_png(trained_run / "analysis" / name)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
+
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -65,5 +67,21 @@ def test_finetune_trains_the_backbone_and_leaves_the_original_alone(tmp_path):
     model = finetune(backbone, loader, 2, torch.device("cpu"), epochs=3, base_lr=0.5, seed=0)
     assert classifier_top1(model, DataLoader(TensorDataset(images, labels), batch_size=16), torch.device("cpu")) > 80
     assert all(torch.equal(before[name], tensor) for name, tensor in backbone.state_dict().items())
-    shifted = augment(images[:4], torch.Generator().manual_seed(0))
-    assert shifted.shape == images[:4].shape
+
+
+def test_finetune_augmentation_is_a_flip_and_a_reflect_padded_shift_of_each_image():
+    """Every output image is the image, mirrored or not, shifted by up to side / 8 pixels with reflected borders
+    (written here with numpy); over a batch both flips and several shifts occur; the generator decides all."""
+    images = torch.randn(32, 2, 16, 16, generator=torch.Generator().manual_seed(3))
+    out = augment(images, torch.Generator().manual_seed(0))
+    assert torch.equal(out, augment(images, torch.Generator().manual_seed(0)))
+    pad = 2
+    seen = set()
+    for image, result in zip(images.numpy(), out.numpy()):
+        matches = [(flip, dy, dx) for flip in (False, True) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                   if np.array_equal(result, np.pad(image[:, :, ::-1] if flip else image,
+                                                    ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
+                                     [:, dy:dy + 16, dx:dx + 16])]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert {flip for flip, _, _ in seen} == {False, True} and len(seen) > 10

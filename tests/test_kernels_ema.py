@@ -110,3 +110,15 @@ def test_plan_reused_across_steps_equals_repeated_lerp():
             assert torch.equal(t, e)
         for s in sources:
             s.add_(torch.randn(s.shape, generator=gen).to(s.dtype))
+
+
+def test_teacher_update_equals_the_literal_formula_in_float64():
+    """theta' <- m theta' + (1 - m) theta, written out in float64, over a few steps of a fp32 plan."""
+    targets, sources = make_pairs([torch.float32], seed=9)
+    expected = [t.double() for t in targets]
+    plan = EmaPlan(targets, sources)
+    for momentum in (0.996, 0.7, 0.5):
+        plan.update(momentum)
+        expected = [momentum * e + (1 - momentum) * s.double() for e, s in zip(expected, sources)]
+    for t, e in zip(targets, expected):
+        torch.testing.assert_close(t.double(), e, rtol=1e-6, atol=1e-6)

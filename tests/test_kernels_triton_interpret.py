@@ -10,6 +10,7 @@ test_kernels_dino_ce.py and test_kernels_ema.py). Shapes stay small: the interpr
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,11 +29,14 @@ TRITON_CASES = [
     (1, 1, 2, 300, "one_to_one", False),
 ]
 GROUPS = ["dino_fp32", "dino_bf16", "dino_fp16", "dino_layouts", "ema"]
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_triton_interpreted(group):
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    # The checkout's mokd, not an installed one, whatever the caller's PYTHONPATH.
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, __file__, group], env=env, capture_output=True, text=True, timeout=300
     )
@@ -89,22 +93,38 @@ def _check_dino_layouts(device):
     torch.testing.assert_close(transposed.grad, wide_student.grad[:, :300])
 
 
+class _CountingLaunches:
+    """Stands in for a Triton kernel object: counts the launches ``kernel[grid](...)`` and forwards them."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
 def _check_ema(device):
     import torch
     from test_kernels_ema import check_ema
 
+    import mokd.kernels.ema as ema_module
     from mokd.kernels import ema_
 
+    counter = _CountingLaunches(ema_module._ema_kernel)
+    ema_module._ema_kernel = counter
     dtypes = [torch.float32, torch.bfloat16, torch.float16]
     check_ema(0.996, dtypes, seed=1, exact=False, device=device)
     check_ema(0.3, dtypes, seed=2, exact=False, device=device)
     check_ema(torch.tensor(0.9), dtypes, seed=3, exact=False, device=device)
+    assert counter.launches == 3 * len(dtypes), counter.launches  # one launch per dtype group, per call
     # A non-contiguous pair in a group with contiguous ones takes the foreach path, the others the kernel.
     gen = torch.Generator().manual_seed(4)
     targets = [torch.randn(6, 9, generator=gen).to(device).t(), torch.randn(5000, generator=gen).to(device)]
     sources = [torch.randn(9, 6, generator=gen).to(device), torch.randn(5000, generator=gen).to(device)]
     expected = [torch.lerp(t, s, 0.004) for t, s in zip(targets, sources)]
     ema_(targets, sources, 0.996)
+    assert counter.launches == 3 * len(dtypes) + 1
     for t, e in zip(targets, expected):
         torch.testing.assert_close(t, e, rtol=1e-6, atol=1e-6)
 
@@ -120,5 +140,8 @@ if __name__ == "__main__":
         "dino_layouts": lambda: _check_dino_layouts(device),
         "ema": lambda: _check_ema(device),
     }
+    import mokd
+
+    assert Path(mokd.__file__).resolve().is_relative_to(REPO), f"imported {mokd.__file__}, not {REPO}'s mokd"
     checks[sys.argv[1]]()
     print(f"{sys.argv[1]} on {device}: passed")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from helpers import TINY_RESNET, TINY_VIT, tiny_config
 from mokd.method.mokd import Centres, MOKDObjective, Temperatures
@@ -42,21 +46,105 @@ def crop_outputs(network, crops):
     return per_crop
 
 
+# The heads written out from DINO's and the paper's definitions with plain tensor operations; only the parameter
+# values are read from the engine's modules, never their forward passes.
+
+def gelu(x):
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def layer_norm(x, norm):
+    centred = x - x.mean(dim=-1, keepdim=True)
+    return centred / torch.sqrt((centred ** 2).mean(dim=-1, keepdim=True) + 1e-6) * norm.weight + norm.bias
+
+
+def linear(x, layer):
+    return x @ layer.weight.T + layer.bias
+
+
+def weight_norm_linear(x, layer):
+    """W = g v / ||v|| row by row, no bias."""
+    return x @ (layer.weight_g * layer.weight_v / layer.weight_v.norm(dim=1, keepdim=True)).T
+
+
+def mlp_head(head, pooled):
+    """Linear-GELU-Linear-GELU-Linear (BatchNorm in train mode after each hidden Linear when the head has it: batch
+    statistics over every row, biased variance, eps 1e-5), L2-normalise, weight-normalised Linear."""
+    linears = [m for m in head.mlp if isinstance(m, nn.Linear)]
+    norms = [m for m in head.mlp if isinstance(m, nn.BatchNorm1d)]
+    x = pooled
+    for index, layer in enumerate(linears[:-1]):
+        x = linear(x, layer)
+        if norms:
+            mean, variance = x.mean(dim=0), x.var(dim=0, unbiased=False)
+            x = (x - mean) / torch.sqrt(variance + 1e-5) * norms[index].weight + norms[index].bias
+        x = gelu(x)
+    x = linear(x, linears[-1])
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return weight_norm_linear(x, head.last_layer)
+
+
+def project(thead, x):
+    """P: a Linear from the backbone's channels to D, or nothing where they are already D wide."""
+    return linear(x, thead.proj) if isinstance(thead.proj, nn.Linear) else x
+
+
+def positional_embedding(thead, grid):
+    """The learned embedding on the global crops' grid, resized bicubically to another crop's token grid."""
+    base_side = round(math.sqrt(thead.pos_embed.shape[1]))
+    embedding = thead.pos_embed.reshape(1, base_side, base_side, -1)
+    if tuple(grid) != (base_side, base_side):
+        embedding = F.interpolate(embedding.permute(0, 3, 1, 2), size=tuple(grid), mode="bicubic",
+                                  align_corners=False).permute(0, 2, 3, 1)
+    return embedding.reshape(1, grid[0] * grid[1], -1)
+
+
+def attention(block, x, heads):
+    """Multi-head softmax(Q K^T / sqrt(d)) V; the qkv weight rows hold Q, K, V in that order, heads contiguous."""
+    batch, length, width = x.shape
+    d = width // heads
+    q, k, v = (part.reshape(batch, length, heads, d).transpose(1, 2) for part in linear(x, block.qkv).split(width, -1))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
+    return linear((weights @ v).transpose(1, 2).reshape(batch, length, width), block.proj)
+
+
+def thead(head, tokens, grid, heads, query=None):
+    """P(Z) + positional embedding, [query ;] pre-norm blocks (x + Attn(LN x), x + MLP(LN x), MLP ratio 4 with
+    GELU), LayerNorm, the query's own output dropped, mean over tokens, weight-normalised Linear."""
+    x = project(head, tokens) + positional_embedding(head, grid)
+    if query is not None:
+        x = torch.cat([query[:, None, :], x], dim=1)
+    for block in head.blocks:
+        x = x + attention(block.attn, layer_norm(x, block.norm1), heads)
+        hidden = layer_norm(x, block.norm2)
+        first, second = block.mlp[0], block.mlp[2]
+        assert first.weight.shape[0] == 4 * x.shape[-1]
+        x = x + linear(gelu(linear(hidden, first)), second)
+    x = layer_norm(x, head.norm)
+    if query is not None:
+        x = x[:, 1:]
+    return weight_norm_linear(x.mean(dim=1), head.last_layer)
+
+
 def reference_losses(config, students, teachers, centres, crops, pairing):
     """Eq. (9) per model, each term from its equation, image by image for the feature search."""
-    batch = crops[0].shape[0]
+    batch, heads = crops[0].shape[0], config.head.thead_heads
     with torch.no_grad():
         teacher_crops = [crop_outputs(teacher, crops[:2]) for teacher in teachers]
     student_crops = [crop_outputs(student, crops) for student in students]
+
+    def mlp_logits(network, outputs):  # the MLP-Head sees every crop at once (its BatchNorm: all of them)
+        return mlp_head(network.mlp_head, torch.cat([pooled for pooled, _, _ in outputs])).split(batch)
+
     totals, terms = [], {}
     for i in (0, 1):
         j, temps = 1 - i, TEMPS[i]
-        h_student = [students[i].mlp_head(pooled) for pooled, _, _ in student_crops[i]]
-        g_student = [students[i].thead(tokens, grid) for _, tokens, grid in student_crops[i]]
+        h_student = mlp_logits(students[i], student_crops[i])
+        g_student = [thead(students[i].thead, tokens, grid, heads) for _, tokens, grid in student_crops[i]]
         with torch.no_grad():
-            h_own = [teachers[i].mlp_head(pooled) for pooled, _, _ in teacher_crops[i]]
-            g_own = [teachers[i].thead(tokens, grid) for _, tokens, grid in teacher_crops[i]]
-            h_other = [teachers[j].mlp_head(pooled) for pooled, _, _ in teacher_crops[j]]
+            h_own = mlp_logits(teachers[i], teacher_crops[i])
+            g_own = [thead(teachers[i].thead, tokens, grid, heads) for _, tokens, grid in teacher_crops[i]]
+            h_other = mlp_logits(teachers[j], teacher_crops[j])
         terms["sm"] = reference_dino(h_student, h_own, centres.get(i, "sm"), temps.student, temps.teacher_self)
         terms["st"] = reference_dino(g_student, g_own, centres.get(i, "st"), temps.student, temps.teacher_self)
         terms["cm"] = reference_dino(h_student, h_other, centres.get(i, "cm"), temps.student, temps.teacher_cross)
@@ -66,11 +154,11 @@ def reference_losses(config, students, teachers, centres, crops, pairing):
         for crop in searched:
             target_view = 0 if pairing == "local_to_global" else 1 - crop
             for b in range(batch):
-                pooled_i = student_crops[i][crop][0][b:b + 1]
+                pooled_i = student_crops[i][crop][0][b:b + 1].detach()
                 with torch.no_grad():
-                    query = students[i].thead.project_query(pooled_i)
+                    query = project(students[i].thead, pooled_i)
                     _, tokens_j, grid_j = teacher_crops[j][target_view]
-                    target = teachers[j].thead(tokens_j[b:b + 1], grid_j, query=query)
+                    target = thead(teachers[j].thead, tokens_j[b:b + 1], grid_j, heads, query=query)
                 p = torch.softmax(target / temps.teacher_cross, dim=-1)
                 log_q = torch.log_softmax(g_student[crop][b:b + 1] / temps.student, dim=-1)
                 ce = ce + (-(p * log_q).sum())
@@ -82,12 +170,16 @@ def reference_losses(config, students, teachers, centres, crops, pairing):
     return totals, terms
 
 
-@pytest.mark.parametrize("kernel", ["torch", "reference"])
-@pytest.mark.parametrize("pairing", ["local_to_global", "global_to_global"])
-def test_losses_and_gradients_match_the_equations(tmp_path, kernel, pairing):
+@pytest.mark.parametrize("kernel,pairing,batchnorm", [
+    ("torch", "local_to_global", False), ("reference", "local_to_global", False),
+    ("torch", "global_to_global", False), ("reference", "global_to_global", False),
+    ("torch", "local_to_global", True),
+])
+def test_losses_and_gradients_match_the_equations(tmp_path, kernel, pairing, batchnorm):
     torch.manual_seed(0)
     config = tiny_config(tmp_path, extra=[f"loss.kernel={kernel}", f"loss.search_pairing={pairing}",
-                                          "model1.cross_weight=0.3", "model2.cross_weight=0.7"])
+                                          f"head.mlp_batchnorm={str(batchnorm).lower()}",
+                                          "head.thead_depth=2", "model1.cross_weight=0.3", "model2.cross_weight=0.7"])
     students, teachers = build_pair(config, in_chans=1)
     students = tuple(s.double() for s in students)
     teachers = tuple(t.double() for t in teachers)

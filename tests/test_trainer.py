@@ -8,12 +8,10 @@ import shutil
 import pytest
 import torch
 
-from helpers import TINY_RESNET, TINY_VIT, tiny_config
+from helpers import TINY_RESNET, TINY_VIT, linear_then_constant, tiny_config, warmup_cosine
 from mokd.engine.checkpoint import CheckpointError
-from mokd.engine.optim import build_optimizer, clip_gradients_, drop_last_layer_gradients_, set_schedule
 from mokd.engine.trainer import Trainer, build_train_data
 from mokd.method.pair import build_network, make_teacher
-from mokd.method.schedules import ModelSchedules
 from test_method_losses import reference_dino
 
 
@@ -50,48 +48,85 @@ def test_teachers_get_no_gradient_ema_and_centres_follow_their_formulas(tmp_path
             torch.testing.assert_close(trainer.centres.get(which, term), expected, rtol=1e-5, atol=1e-6)
 
 
+def dino_parameter_groups(network) -> list[dict]:
+    """DINO's get_params_groups: biases and 1-d tensors (norm weights) are never decayed."""
+    decayed, plain = [], []
+    for name, parameter in network.named_parameters():
+        if parameter.requires_grad:
+            (plain if name.endswith(".bias") or parameter.ndim == 1 else decayed).append(parameter)
+    return [{"params": decayed}, {"params": plain, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def dino_clip_gradients(network, clip: float) -> None:
+    """DINO's clip_gradients: each parameter's gradient on its own, scaled by clip / (norm + 1e-6) where that is < 1."""
+    for parameter in network.parameters():
+        if parameter.grad is not None:
+            coefficient = clip / (parameter.grad.norm(2) + 1e-6)
+            if coefficient < 1:
+                parameter.grad.mul_(coefficient)
+
+
 def independent_dino(config, which: int, batches: list[list[torch.Tensor]]):
-    """DINO alone for model `which`, written out step by step: the paper's baseline."""
+    """DINO alone for model `which`, written out step by step (the paper's baseline): its own schedules, parameter
+    groups, clipping and last-layer freeze; only the network is built by the engine."""
     model = (config.model1, config.model2)[which]
+    optim = model.optim
     student = build_network(config, which, 1, student=True)
     teacher = make_teacher(config, which, 1, student)
-    optimizer = build_optimizer(student, model.optim)
-    steps_per_epoch = config.data.synthetic_size // config.train.batch_size
-    schedules = ModelSchedules(model, config.loss, config.train.epochs * steps_per_epoch, steps_per_epoch,
-                               config.train.batch_size)
-    centre = torch.zeros(config.head.out_dim)
+    groups = dino_parameter_groups(student)
+    optimizer = (torch.optim.SGD(groups, lr=0.0, momentum=optim.momentum) if optim.name == "sgd"
+                 else torch.optim.AdamW(groups, lr=0.0))
     batch = config.train.batch_size
+    steps_per_epoch = config.data.synthetic_size // batch
+    total = config.train.epochs * steps_per_epoch
+    lr = warmup_cosine(optim.base_lr * batch / 256, optim.min_lr, total, round(optim.warmup_epochs * steps_per_epoch))
+    weight_decay = warmup_cosine(optim.weight_decay, optim.weight_decay_end, total)
+    momentum = warmup_cosine(config.loss.teacher_momentum, 1.0, total)
+    temperature = model.temperature
+    teacher_temperature = linear_then_constant(temperature.teacher_start, temperature.teacher_end, total,
+                                               round(temperature.warmup_epochs_self * steps_per_epoch))
+    frozen_steps = round(optim.freeze_last_layer_epochs * steps_per_epoch)
+    centre = torch.zeros(config.head.out_dim)
     for step, crops in enumerate(batches):
-        set_schedule(optimizer, schedules.group_values(step))
+        for group in optimizer.param_groups:
+            group["lr"] = lr[step]
+        optimizer.param_groups[0]["weight_decay"] = weight_decay[step]
         student_logits = student(crops).mlp_logits
         with torch.no_grad():
             teacher_logits = teacher(crops[:2]).mlp_logits
         loss = reference_dino(student_logits.split(batch), teacher_logits.split(batch), centre,
-                              model.temperature.student, float(schedules.teacher_temperature_self[step]))
+                              temperature.student, teacher_temperature[step])
         loss.backward()
-        clip_gradients_(student, model.optim.clip_grad)
-        if step < schedules.freeze_last_layer_steps:
-            drop_last_layer_gradients_(student.last_layers())
+        dino_clip_gradients(student, optim.clip_grad)
+        if step < frozen_steps:
+            for name, parameter in student.named_parameters():
+                if "last_layer" in name:
+                    parameter.grad = None
         optimizer.step()
         optimizer.zero_grad()
-        momentum = float(schedules.teacher_momentum[step])
         with torch.no_grad():
             for teacher_param, student_param in zip(teacher.parameters(), student.parameters()):
-                teacher_param.mul_(momentum).add_((1 - momentum) * student_param)
+                teacher_param.mul_(momentum[step]).add_((1 - momentum[step]) * student_param)
             centre = config.loss.centre_momentum * centre + (1 - config.loss.centre_momentum) * teacher_logits.mean(0)
     return student, teacher
 
 
 def test_self_mlp_only_pair_equals_two_independent_dino_runs(tmp_path):
+    # The clip at 3 meets gradients on both sides of it; the last layers stay frozen for 2 of the 3 steps; the teacher
+    # temperatures warm up over 30 epochs, longer than the run. The SGD model's lr and weight decay are large enough
+    # for a decay step (lr * wd ~ 6e-3 of a weight) to show against the tolerance.
     switches = ["loss.self_thead=false", "loss.cross_mlp=false", "loss.cross_search=false",
-                "model1.optim.name=sgd", "model1.optim.freeze_last_layer_epochs=1", "train.max_steps=3",
-                "checkpoint.enabled=false"]
+                "model1.optim.name=sgd", "model1.optim.base_lr=0.5", "model1.optim.weight_decay=0.4",
+                "model1.optim.weight_decay_end=0.4", "train.max_steps=3", "checkpoint.enabled=false",
+                *[f"model{i}.optim.{key}" for i in (1, 2)
+                  for key in ("clip_grad=3.0", "freeze_last_layer_epochs=0.5")]]
     config = tiny_config(tmp_path, extra=switches)
     trainer = Trainer(config, show_progress=False)
     assert trainer.students[0].thead is None
     trainer.train()
 
-    _, loader, sampler = build_train_data(config)
+    _, loader, sampler, _ = build_train_data(config)
     sampler.set_epoch(0)
     batches = [crops for crops, _ in list(loader)[:3]]
     for which in (0, 1):

@@ -1,5 +1,7 @@
 """Data layer: datasets by source, DINO multi-crop transforms, deterministic resumable loaders, tar shards."""
 
+from mokd.data.device_augment import (AUGMENT_MODES, DecodeAndDraw, DecodedBatch, DeviceMultiCrop, collate_decoded,
+                                     multicrop_transform, train_augmentation)
 from mokd.data.fashion_mnist import FashionMNIST
 from mokd.data.loader import (
     MultiCropDataset,
@@ -15,6 +17,13 @@ from mokd.data.sources import (SOURCES, ImageFolderDataset, SyntheticDataset, bu
 from mokd.data.transforms import EvalTransform, MultiCropTransform, dataset_statistics
 
 __all__ = [
+    "AUGMENT_MODES",
+    "DecodeAndDraw",
+    "DecodedBatch",
+    "DeviceMultiCrop",
+    "collate_decoded",
+    "multicrop_transform",
+    "train_augmentation",
     "SOURCES",
     "ShardDataError",
     "ShardDataset",

@@ -184,18 +184,19 @@ def build_train_loader(
     num_workers: int,
     rank: int = 0,
     world_size: int = 1,
+    collate: Callable[[Sequence[Any]], Any] = collate_crops,
 ) -> tuple[DataLoader, ResumableBatchSampler]:
     """Multi-crop training loader of this rank and its sampler (call set_epoch / set_start_batch on it).
 
-    `batch_size` is per rank. Batches are ([crop tensors [B, C, H, W]], labels [B]); incomplete batches are
-    dropped so every step has the same shape on every rank.
+    `batch_size` is per rank. Batches are `collate`'s (by default ([crop tensors [B, C, H, W]], labels [B]));
+    incomplete batches are dropped so every step has the same shape on every rank.
     """
     sampler = ResumableBatchSampler(len(dataset), batch_size, seed, rank, world_size, drop_last=True, shuffle=True)
     loader = DataLoader(
         MultiCropDataset(dataset, transform),
         batch_sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate_crops,
+        collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,  # worker start-up is paid once, not every epoch
         worker_init_fn=ignore_stop_signals,

@@ -112,8 +112,10 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: list[str], counts: list[int], transform: Callable[[Any], list[torch.Tensor]],
                  channels: int, batch_size: int, seed: int, rank: int, world_size: int, workers: int,
-                 shuffle_buffer: int, max_corrupt_fraction: float) -> None:
+                 shuffle_buffer: int, max_corrupt_fraction: float,
+                 collate: Callable[[list], Any] = collate_crops) -> None:
         self.urls, self.counts, self.transform, self.channels = urls, counts, transform, channels
+        self.collate = collate
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.workers, self.shuffle_buffer, self.max_corrupt_fraction = workers, shuffle_buffer, max_corrupt_fraction
         self.position = torch.zeros(2, dtype=torch.int64).share_memory_()  # (epoch, start batch)
@@ -143,7 +145,7 @@ class ShardStream(IterableDataset):
                 batch.append((seeded_transform(self.transform, image, sample_seed), label))
             if len(batch) == self.batch_size:
                 if produced >= skip:
-                    yield collate_crops(batch)
+                    yield self.collate(batch)
                 produced += 1
                 batch = []
                 if produced == plan.batches:
@@ -257,7 +259,8 @@ class ShardLoader(EpochPosition):
 
 def build_shard_loader(urls: list[str], counts: list[int], transform: Callable[[Any], list[torch.Tensor]],
                        channels: int, batch_size: int, seed: int, num_workers: int, rank: int, world_size: int,
-                       shuffle_buffer: int, max_corrupt_fraction: float) -> ShardLoader:
+                       shuffle_buffer: int, max_corrupt_fraction: float,
+                       collate: Callable[[list], Any] = collate_crops) -> ShardLoader:
     """The training loader of this rank over shards `urls` with per-shard sample `counts` (from the manifest).
 
     Raises ValueError when there are fewer shards than ranks x workers, or too few samples for one batch per
@@ -272,19 +275,19 @@ def build_shard_loader(urls: list[str], counts: list[int], transform: Callable[[
         raise DataError(f"data.shards holds {sum(counts)} samples, fewer than one batch of {batch_size} on each "
                          f"of {world_size} ranks")
     stream = ShardStream(urls, counts, transform, channels, batch_size, seed, rank, world_size, workers,
-                         shuffle_buffer, max_corrupt_fraction)
+                         shuffle_buffer, max_corrupt_fraction, collate)
     return ShardLoader(stream, num_workers, seed)
 
 
-def shard_train_loader(data_config, transform: Callable[[Any], list[torch.Tensor]], batch_size: int, seed: int,
-                       rank: int, world_size: int) -> ShardLoader:
+def shard_train_loader(data_config, transform: Callable[[Any], Any], batch_size: int, seed: int,
+                       rank: int, world_size: int, collate: Callable[[list], Any] = collate_crops) -> ShardLoader:
     """`build_shard_loader` with the options of a run's `data` section (data.shards, data.shard_manifest, ...)."""
     urls = expand_shard_urls(data_config.shards, "data.shards")
     check_local_shards(urls, "data.shards")
     counts = shard_sample_counts(urls, data_config.shard_manifest)
     return build_shard_loader(urls, counts, transform, data_config.shard_channels, batch_size, seed,
                               data_config.num_workers, rank, world_size, data_config.shuffle_buffer,
-                              data_config.max_corrupt_fraction)
+                              data_config.max_corrupt_fraction, collate)
 
 
 def loader_statistics(loader: Any) -> dict[str, float]:

@@ -109,6 +109,9 @@ class MultiCropTransform:
             raise ValueError(f"n_local_crops must be >= 0, got {n_local_crops}")
         self.channels = channels
         self.n_local_crops = n_local_crops
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.crop_sizes = (global_crop_size,) * 2 + (local_crop_size,) * n_local_crops
+        self.solarize_threshold = 128
         to_mode = _ToMode(_MODES[channels])
         if channels == 3:
             colour = [
@@ -133,17 +136,19 @@ class MultiCropTransform:
         )
         self.global_2 = T.Compose(
             [to_mode, crop(global_crop_size, global_crop_scale), *flip_and_colour, blur(0.1, global_crop_size),
-             T.RandomSolarize(threshold=128, p=0.2), *normalise]
+             T.RandomSolarize(threshold=self.solarize_threshold, p=0.2), *normalise]
         )
         self.local = T.Compose(
             [to_mode, crop(local_crop_size, local_crop_scale), *flip_and_colour, blur(0.5, local_crop_size),
              *normalise]
         )
 
+    def pipelines(self) -> list[T.Compose]:
+        """The pipeline of each crop position, in the order the crops are made (and their randomness drawn)."""
+        return [self.global_1, self.global_2] + [self.local] * self.n_local_crops
+
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
-        crops = [self.global_1(image), self.global_2(image)]
-        crops.extend(self.local(image) for _ in range(self.n_local_crops))
-        return crops
+        return [pipeline(image) for pipeline in self.pipelines()]
 
 
 class EvalTransform:

@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 
 from mokd.config import MOKDConfig, save_config, to_yaml
-from mokd.data import (MultiCropTransform, build_train_loader, data_statistics, dataset_for, limit_size, loader_statistics,
-                       shard_train_loader)
+from mokd.data import (build_train_loader, dataset_for, limit_size, loader_statistics, shard_train_loader,
+                       train_augmentation)
 from mokd.engine.collapse_watch import CollapseWatch, step0_name
 from mokd.engine.checkpoint import (META_FILE, RNG_DIR, TEACHERS_FILE, CheckpointError, CheckpointManager, Finish,
                                    read_checkpoint_file, save_torch)
@@ -28,7 +28,6 @@ from mokd.engine.guard import StepGuard, non_finite_flags, non_finite_module
 from mokd.engine.metrics import MetricsLogger
 from mokd.engine.optim import build_optimizer
 from mokd.engine.perf import apply_perf
-from mokd.signals import StopRequest
 from mokd.engine.resume_check import check_resume
 from mokd.engine.run_lock import RunLock, check_run_directory
 from mokd.engine.runtime import (autocast, autocast_dtype, describe_precision, peak_memory_bytes, resolve_device,
@@ -40,25 +39,26 @@ from mokd.method.monitors import feature_statistics
 from mokd.method.network import Network
 from mokd.method.pair import build_network, build_pair, thead_follows_other
 from mokd.method.schedules import ModelSchedules
+from mokd.signals import StopRequest
 
 
 def build_train_data(config: MOKDConfig, rank: int = 0, world_size: int = 1):
-    """The training dataset, its loader, and the loader's position (set_epoch, set_start_batch, len: the
-    ResumableBatchSampler, or for shards the ShardLoader itself)."""
+    """The training dataset, its loader, the loader's position (set_epoch, set_start_batch, len: the
+    ResumableBatchSampler, or for shards the ShardLoader itself), and the step that turns a loader batch into crop
+    tensors on the device (data.augment=device augments there)."""
     data = config.data
     dataset = dataset_for(data, "train", config.train.seed)
     if data.source != "webdataset":  # shards are never indexed for training: the manifest has the counts
         dataset = limit_size(dataset, data.train_samples, config.train.seed)
-    mean, std = data_statistics(data, dataset.channels)
-    transform = MultiCropTransform(data.global_crop_size, data.local_crop_size, data.n_local_crops,
-                                   tuple(data.global_crop_scale), tuple(data.local_crop_scale), mean, std,
-                                   dataset.channels, tuple(data.blur_sigma))
+    augmentation = train_augmentation(data, dataset.channels)
     if data.source == "webdataset":
-        loader = shard_train_loader(data, transform, config.train.batch_size, config.train.seed, rank, world_size)
-        return dataset, loader, loader
-    loader, sampler = build_train_loader(dataset, transform, config.train.batch_size, config.train.seed,
-                                         data.num_workers, rank=rank, world_size=world_size)
-    return dataset, loader, sampler
+        loader = shard_train_loader(data, augmentation.transform, config.train.batch_size, config.train.seed, rank,
+                                    world_size, augmentation.collate)
+        return dataset, loader, loader, augmentation.to_device
+    loader, sampler = build_train_loader(dataset, augmentation.transform, config.train.batch_size, config.train.seed,
+                                         data.num_workers, rank=rank, world_size=world_size,
+                                         collate=augmentation.collate)
+    return dataset, loader, sampler, augmentation.to_device
 
 
 FEATURE_MONITOR_TAGS = {"mean_cosine": "feature_cosine", "effective_rank": "feature_rank"}
@@ -81,7 +81,8 @@ class Trainer:
         if self.world.is_main:
             print(describe_precision(config.train.precision, self.device), flush=True)
 
-        self.dataset, self.loader, self.sampler = build_train_data(config, self.world.rank, self.world.world_size)
+        self.dataset, self.loader, self.sampler, self.batch_to_crops = build_train_data(config, self.world.rank,
+                                                                                        self.world.world_size)
         self.steps_per_epoch = len(self.sampler)
         if self.steps_per_epoch == 0:
             raise DataError(f"train.batch_size={config.train.batch_size} is larger than the {len(self.dataset)} "
@@ -181,11 +182,12 @@ class Trainer:
         return tuple(Temperatures(s.student_temperature, float(s.teacher_temperature_self[step]),
                                   float(s.teacher_temperature_cross[step])) for s in self.schedules)
 
-    def train_step(self, crops: list[torch.Tensor]) -> tuple[StepLosses, list[torch.Tensor]]:
+    def train_step(self, crops) -> tuple[StepLosses, list[torch.Tensor]]:
+        """One step on a batch of the training loader: crop tensors, or (data.augment=device) decoded images."""
         step, strategy, phase = self.step, self.strategy, self.phase
         frozen = [step < schedule.freeze_last_layer_steps for schedule in self.schedules]
         with phase("data"):
-            crops = [crop.to(self.device, non_blocking=True) for crop in crops]
+            crops = self.batch_to_crops(crops, self.device)
 
         with autocast(self.device, self.amp_dtype), collective("forward (batch-norm statistics, parameter gathers)"):
             losses = self.objective(strategy.students, strategy.teachers, self.centres, crops, self.temperatures(step))
@@ -257,12 +259,12 @@ class Trainer:
             self.sampler.set_epoch(epoch)
             self.sampler.set_start_batch(self.step - epoch * self.steps_per_epoch)
             fetch_start = time.perf_counter()
-            for crops, _ in self.loader:
+            for batch, labels in self.loader:
                 data_wait += time.perf_counter() - fetch_start
-                losses, grad_norms = self.train_step(crops)
+                losses, grad_norms = self.train_step(batch)
                 if not self.collapse_step0:  # this step's teachers were the untrained networks (a fresh run)
                     self.collapse_watch.set_baseline(self.feature_monitors(losses, reduce=True))
-                window_images += crops[0].shape[0] * self.world.world_size
+                window_images += len(labels) * self.world.world_size
                 if self.step == first_step:  # optimiser state exists from the first step on
                     self.record_memory()
                 if self.metrics is not None:

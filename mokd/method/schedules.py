@@ -10,9 +10,9 @@ import numpy as np
 def cosine_schedule(start: float, end: float, total_steps: int, warmup_steps: int = 0,
                     warmup_start: float = 0.0) -> np.ndarray:
     """Linear warm-up from `warmup_start` to `start` over `warmup_steps`, then a half cosine from `start` to `end`."""
-    warmup_steps = min(warmup_steps, total_steps)
-    warmup = np.linspace(warmup_start, start, warmup_steps, endpoint=False) if warmup_steps else np.zeros(0)
-    remaining = total_steps - warmup_steps
+    # A warm-up longer than the run is cut off at the run's end, never squeezed into it: its slope is the run's own.
+    warmup = np.linspace(warmup_start, start, warmup_steps, endpoint=False)[:total_steps] if warmup_steps else []
+    remaining = total_steps - len(warmup)
     progress = np.arange(remaining) / max(remaining, 1)
     cosine = end + 0.5 * (start - end) * (1 + np.cos(math.pi * progress))
     return np.concatenate([warmup, cosine])
@@ -27,9 +27,9 @@ def teacher_temperature_schedule(start: float, end: float, warmup_epochs: float,
         per_epoch = np.concatenate([np.linspace(start, end, warmup_epochs, endpoint=False) if warmup_epochs
                                     else np.zeros(0), np.full(max(total_steps // steps_per_epoch + 1, 1), end)])
         return np.repeat(per_epoch, steps_per_epoch)[:total_steps]
-    warmup_steps = min(round(warmup_epochs * steps_per_epoch), total_steps)
-    warmup = np.linspace(start, end, warmup_steps, endpoint=False) if warmup_steps else np.zeros(0)
-    return np.concatenate([warmup, np.full(total_steps - warmup_steps, end)])
+    warmup_steps = round(warmup_epochs * steps_per_epoch)  # cut off, not squeezed, by a shorter run (as per epoch)
+    warmup = np.linspace(start, end, warmup_steps, endpoint=False)[:total_steps] if warmup_steps else np.zeros(0)
+    return np.concatenate([warmup, np.full(total_steps - len(warmup), end)])
 
 
 def lr_and_weight_decay(optim, total_steps: int, steps_per_epoch: int, global_batch: int) -> tuple[np.ndarray,

@@ -47,8 +47,11 @@ class FSDPStrategy(Strategy):
         mesh = init_device_mesh(self.world.device.type, (self.world.world_size,))
         policy = MixedPrecisionPolicy(param_dtype=self.amp_dtype if self.amp_dtype == torch.bfloat16 else None,
                                       reduce_dtype=torch.float32)
-        reshard = self.config.parallel.reshard_after_forward
-        for network in (*students, *teachers):
+        # A teacher always reshards after its forward: it has no backward that would reshard it later, and its EMA
+        # writes the local shards, which a unit left gathered would not read again.
+        plan = [(student, self.config.parallel.reshard_after_forward) for student in students]
+        plan += [(teacher, True) for teacher in teachers]
+        for network, reshard in plan:
             convert_batchnorm(network, dist.get_backend())
             for unit in sharding_units(network):
                 fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
