@@ -5,12 +5,11 @@ tests/test_distributed.py compares every strategy). And the strategies' BatchNor
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from helpers import tiny_config
 from mokd.engine.trainer import Trainer
-import pytest
-
 from test_distributed import (CLIPPED, COMMON, SINKHORN, STEPS, UNCLIPPED, assert_same_losses, assert_same_teachers,
                               launch, per_rank, step_losses)
 

@@ -254,3 +254,27 @@ def test_pairs_of_every_kind_build(tmp_path):
     for model1, model2 in ((TINY_RESNET, TINY_VIT), (TINY_RESNET, TINY_RESNET), (TINY_VIT, TINY_VIT)):
         students, _ = build_pair(tiny_config(tmp_path, model1, model2), in_chans=1)
         assert students[0].thead.pos_embed.shape[-1] == students[1].thead.pos_embed.shape[-1] == 32
+
+
+@pytest.mark.parametrize("head_logits", [True, False], ids=["logits", "head_inputs"])
+def test_student_forward_returns_no_view_that_carries_gradient(tmp_path, head_logits):
+    """FSDP2 hooks every gradient-carrying output of a wrapped forward for its pre-backward all-gather; an in-place
+    op on an output that is a view drops that hook. A student's multi-crop forward (CNN and ViT, per-term and
+    fused-head outputs) returns none: walked here field by field, the per-pass backbone outputs included."""
+    students, _ = build_pair(tiny_config(tmp_path), in_chans=1)
+    gen = torch.Generator().manual_seed(5)
+    crops = [torch.randn(2, 1, 16, 16, generator=gen) for _ in range(2)]
+    crops += [torch.randn(2, 1, 8, 8, generator=gen) for _ in range(2)]
+
+    def gradient_views(value, name):
+        if isinstance(value, torch.Tensor):
+            return [name] if value.requires_grad and value._base is not None else []
+        if isinstance(value, (tuple, list)):
+            names = getattr(value, "_fields", range(len(value)))
+            return [view for key, item in zip(names, value) for view in gradient_views(item, f"{name}.{key}")]
+        return []
+
+    for student in students:
+        out = student(crops, head_logits=head_logits)
+        assert out.pooled.requires_grad  # the walk sees the gradient-carrying outputs
+        assert gradient_views(out, "out") == []

@@ -22,7 +22,7 @@ class NetworkOutput(NamedTuple):
     pooled: torch.Tensor  # z for every crop, crops stacked crop-major: [S*B, C]
     mlp_logits: Optional[torch.Tensor]  # h(z): [S*B, K]; None when the forward returns head inputs instead
     thead_logits: Optional[torch.Tensor]  # g(Z): [S*B, K], None without a T-Head (or with head inputs)
-    features: list[BackboneOutput]  # backbone output per pass (resolution group or crop), in crop order
+    features: list[BackboneOutput]  # backbone output per pass (resolution group or crop), in crop order, detached
     queries: Optional[torch.Tensor]  # q = P(z), detached: what this model sends into the other's T-Head [S*B, D]
     mlp_input: Optional[HeadInput] = None  # with head_logits=False: h's last-layer input and weight
     thead_input: Optional[HeadInput] = None  # with head_logits=False: g's last-layer input and weight
@@ -119,4 +119,9 @@ class Network(nn.Module):
                 thead_input = HeadInput(torch.cat([self.thead(f.tokens, f.grid, logits=False) for f in features]),
                                         self.thead.last_layer(None))
             queries = self.thead.project_query(pooled).detach()  # queries carry no gradient into the other model
+        # The per-pass backbone outputs are only read from the teachers (feature searches, no gradient), and
+        # they are views (class token, patch slice, transposed map): detached, none leaves a wrapped forward as a
+        # view with a gradient, which an in-place op could cut off from FSDP2's pre-backward all-gather.
+        features = [feature._replace(pooled=feature.pooled.detach(), tokens=feature.tokens.detach())
+                    for feature in features]
         return NetworkOutput(pooled, mlp_logits, thead_logits, features, queries, mlp_input, thead_input)
