@@ -3,9 +3,13 @@
 #   1. the GPU, driver, torch and Triton versions;
 #   2. the Triton kernels compiled for the GPU against the float64 literal loss and torch.lerp (the interpreter
 #      checks of tests/test_kernels_triton_interpret.py, run on cuda tensors: odd K, B = 1, 2+10 crops, both
-#      pairings, fp32/bf16/fp16, strided layouts, mixed-dtype EMA groups);
-#   3. the kernel microbenchmarks at K = 65536, 2+10 crops, B 64/128/256, in bf16 (with the EMA) and in fp32
-#      (benchmarks/kernels.py refuses to time an implementation whose loss or gradient disagrees with the reference);
+#      pairings, fp32/bf16/fp16, strided layouts, mixed-dtype EMA groups), and the fused loss kernels
+#      (loss.fused_terms, loss.fused_head's student side) against their float64 literals
+#      (tests/test_kernels_fused_terms.py and tests/test_kernels_fused_head.py, run on cuda tensors);
+#   3. the kernel microbenchmarks at K = 65536, 2+10 crops, B 64/128/256, in bf16 (with the EMA) and in fp32, and
+#      the loss block of one head (its last layer + L_sm + L_cm, forward and backward: per-term path, fused_terms,
+#      fused_head) in fp32 (benchmarks/kernels.py refuses to time an implementation whose loss or gradient
+#      disagrees with the reference);
 #   4. the pair-throughput profiler, synthetic crops on the device, 3 warm-up + 5 timed steps, in two passes so
 #      that a slow compilation cannot cost the comparison: first baseline and fast without torch.compile
 #      (R101-ViT-B at 128, then 64), then fast with torch.compile (R101-ViT-B at 128). Each pass has its own
@@ -43,6 +47,7 @@ checks() {
   for group in dino_fp32 dino_bf16 dino_fp16 dino_layouts ema; do
     python3 tests/test_kernels_triton_interpret.py "$group" cuda || return 1
   done
+  python3 tests/test_kernels_fused_terms.py cuda && python3 tests/test_kernels_fused_head.py cuda
 }
 if [[ $section == all || $section == kernels ]]; then
   step kernel_checks checks
@@ -50,6 +55,10 @@ if [[ $section == all || $section == kernels ]]; then
     --local-crops 10 --json "$OUT/kernels_cuda_bf16.json"
   step kernels_cuda_fp32 python3 benchmarks/kernels.py --device cuda --dtype fp32 --batch 64 128 256 --dim 65536 \
     --local-crops 10 --ops dino_ce --json "$OUT/kernels_cuda_fp32.json"
+  # (10 timed runs: the fused head's teacher side is torch tiles, hundreds of small launches per call)
+  step kernels_cuda_head_loss timeout 120 python3 benchmarks/kernels.py --device cuda --dtype fp32 \
+    --batch 64 128 256 --dim 65536 --local-crops 10 --ops head_loss --repeats 10 \
+    --json "$OUT/kernels_cuda_head_loss.json"
 fi
 if [[ $section == all || $section == throughput ]]; then
   step throughput_eager timeout 200 python3 benchmarks/throughput.py --preset r101_vit_b --batch 128,64 \

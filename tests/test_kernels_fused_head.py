@@ -1,7 +1,8 @@
 """loss.fused_head: the weight-normalised last layer fused with the DINO terms, against float64 literals.
 
 The Triton student kernels run under the Triton interpreter in a subprocess (TRITON_INTERPRET=1 must be set before
-the kernel modules import), in fp32 against the same literal. The reference builds the full [rows, K] logits x W^T in float64, takes DINO's loop over pairs with softmax and
+the kernel modules import), in fp32 against the same literal; compiled on a GPU, the same checks run as
+``python tests/test_kernels_fused_head.py cuda`` (benchmarks/device_check.sh). The reference builds the full [rows, K] logits x W^T in float64, takes DINO's loop over pairs with softmax and
 log-softmax over all K, and differentiates it with autograd to x and W.
 """
 
@@ -42,7 +43,7 @@ def literal_head64(x, weight, targets):
     return total.detach(), torch.stack(losses).detach(), torch.stack(colsums), torch.stack(entropies), dx, dw
 
 
-def run_fused_head(case, dtype, seed, tile_elements=None, monkeypatch=None, impl="auto"):
+def run_fused_head(case, dtype, seed, tile_elements=None, monkeypatch=None, impl="auto", device="cpu"):
     import importlib
 
     from mokd.kernels import fused_head
@@ -53,9 +54,9 @@ def run_fused_head(case, dtype, seed, tile_elements=None, monkeypatch=None, impl
     n_crops, batch, k, _ = case
     gen = torch.Generator().manual_seed(seed)
     x = torch.nn.functional.normalize(torch.randn(n_crops * batch, 24, generator=gen), dim=-1)
-    x = x.to(dtype).requires_grad_(True)
-    weight = (torch.randn(k, 24, generator=gen) * 3.0).to(dtype).requires_grad_(True)
-    targets = make_targets(case, gen, dtype)
+    x = x.to(dtype).to(device).requires_grad_(True)
+    weight = (torch.randn(k, 24, generator=gen) * 3.0).to(dtype).to(device).requires_grad_(True)
+    targets = make_targets(case, gen, dtype, device)
     out = fused_head(x, weight, TAU_S, targets, impl=impl)
     out.total.backward()
     return out, x, weight, targets
@@ -101,8 +102,8 @@ def test_fused_head_triton_interpreted():
     assert proc.returncode == 0, f"fused_head under the Triton interpreter:\n{proc.stdout}\n{proc.stderr}"
 
 
-def check_fused_head_triton(case, seed):
-    out, x, weight, targets = run_fused_head(case, torch.float32, seed, impl="triton")
+def check_fused_head_triton(case, seed, device="cpu"):
+    out, x, weight, targets = run_fused_head(case, torch.float32, seed, impl="triton", device=device)
     total, losses, colsums, entropies, dx, dw = literal_head64(x, weight, targets)
     torch.testing.assert_close(out.total.double(), total, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(out.losses.double(), losses, rtol=2e-5, atol=2e-5)
@@ -114,8 +115,9 @@ def check_fused_head_triton(case, seed):
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        sys.exit("run through pytest, or with TRITON_INTERPRET=1 set")
+    device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("run through pytest, or with TRITON_INTERPRET=1 set, or name a GPU device: cuda")
     for case in CASES:
-        check_fused_head_triton(case, case_seed(case, "head-triton"))
-    print("fused_head triton under the interpreter: passed")
+        check_fused_head_triton(case, case_seed(case, "head-triton"), device)
+    print(f"fused_head triton on {device}: passed")
