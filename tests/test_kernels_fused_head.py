@@ -2,8 +2,9 @@
 
 The Triton student kernels run under the Triton interpreter in a subprocess (TRITON_INTERPRET=1 must be set before
 the kernel modules import), in fp32 against the same literal; compiled on a GPU, the same checks run as
-``python tests/test_kernels_fused_head.py cuda`` (benchmarks/device_check.sh). The reference builds the full [rows, K] logits x W^T in float64, takes DINO's loop over pairs with softmax and
-log-softmax over all K, and differentiates it with autograd to x and W.
+``python tests/test_kernels_fused_head.py cuda`` (benchmarks/device_check.sh). The reference builds the full
+[rows, K] logits x W^T in float64, takes DINO's loop over pairs with softmax and log-softmax over all K, and
+differentiates it with autograd to x and W.
 """
 
 import os

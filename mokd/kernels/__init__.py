@@ -1,5 +1,5 @@
-"""Fused ops: DINO cross-entropy (per term, all terms of one student tensor, fused with the head's last layer), EMA update, attention dispatch (reference, torch fast path, native C++ on CPU,
-Triton on CUDA)."""
+"""Fused ops: DINO cross-entropy (per term, all terms of one student tensor, fused with the head's last layer), EMA
+update, attention dispatch (reference, torch fast path, native C++ on CPU, Triton on CUDA)."""
 
 from mokd.kernels.attention import attention
 from mokd.kernels.dino_cross_entropy import DinoCrossEntropyOutput, dino_cross_entropy

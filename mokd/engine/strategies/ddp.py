@@ -1,9 +1,9 @@
 """`ddp`: every rank holds whole students and teachers; DistributedDataParallel averages the gradients.
 
 BatchNorm layers of students and teachers become SyncBatchNorm under NCCL and GlobalBatchNorm elsewhere, so a
-rank of B images normalises with the statistics of all ranks' images, as one process with the global batch would (DINO uses SyncBatchNorm for the
-same reason). The teacher is a plain replicated module: identical updates on identical weights keep the
-replicas equal, and its EMA is local.
+rank of B images normalises with the statistics of all ranks' images, as one process with the global batch would
+(DINO uses SyncBatchNorm for the same reason). The teacher is a plain replicated module: identical updates on
+identical weights keep the replicas equal, and its EMA is local.
 """
 
 from __future__ import annotations
