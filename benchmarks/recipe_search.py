@@ -106,7 +106,11 @@ CANDIDATES.update({name.replace("why-", "why3-"): (pair, loss, [*overrides, *HAL
 VIT_ONLY = {"vit-no-st": ["model2.term_weights.st=0"], "vit-no-cm": ["model2.term_weights.cm=0"],
             "vit-no-ct": ["model2.term_weights.ct=0"], "vit-no-cm-ct": ["model2.term_weights.cm=0",
                                                                         "model2.term_weights.ct=0"],
-            "vit-sm-only": ["model2.term_weights.st=0", "model2.term_weights.cm=0", "model2.term_weights.ct=0"]}
+            "vit-sm-only": ["model2.term_weights.st=0", "model2.term_weights.cm=0", "model2.term_weights.ct=0"],
+            # L_st cost the ViT most (sm+st: +1.0 against sm alone: +4.6): the ViT with L_sm and L_cm, the cross
+            # term that cost it least when both models ran it (why3-sm+cm), at lambda 1 and at the paper's 0.1
+            "vit-sm-cm": ["model2.term_weights.st=0", "model2.term_weights.ct=0"],
+            "vit-sm-cm-lam0.1": ["model2.term_weights.st=0", "model2.term_weights.ct=0", "model2.cross_weight=0.1"]}
 for seed in (0, 1):
     SEEDED = [*GRID_CNN_VIT, *HALF_BUDGET, f"train.seed={seed}"]
     CANDIDATES.update({f"vit3-dino-s{seed}": ("cnn_vit", "dino", SEEDED), f"vit3-mokd-s{seed}": ("cnn_vit", "mokd", SEEDED)})
