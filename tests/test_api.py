@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from literal_eval import agreement, literal_run_predictions
 import mokd
 from mokd.errors import ConfigError
 
@@ -21,8 +22,9 @@ def test_train_from_python_returns_the_run_and_its_scores(tmp_path):
     run = mokd.train(preset="demo", overrides={**SMALL_DEMO, "run_dir": str(tmp_path / "run")}, report=lines.append)
     assert run.run_dir == (tmp_path / "run").resolve() and run.steps == 2 and not run.stopped_by_signal
     assert run.results == json.loads((tmp_path / "run" / "results.json").read_text())
-    for which in ("model1", "model2"):
-        assert 0 < run.results[which]["knn_top1"] <= 100
+    predictions, labels = literal_run_predictions(run.run_dir, "validation")
+    for which in range(2):
+        assert run.results[f"model{which + 1}"]["knn_top1"] == pytest.approx(agreement(predictions[which], labels))
     assert lines[0].startswith("run directory:") and any("k-NN" in line for line in lines), lines
     # The list form of the overrides is the command line's, and a second call resumes the finished run.
     command_line = [f"{key}={value}" for key, value in {**SMALL_DEMO, "run_dir": tmp_path / "run"}.items()]

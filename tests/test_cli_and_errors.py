@@ -10,6 +10,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import tiny_config
+from literal_eval import agreement, literal_run_predictions
 from mokd.config import ConfigError, load_config
 from mokd.engine.checkpoint import COMPLETE_MARKER, CheckpointError
 from mokd.engine.trainer import Trainer
@@ -32,9 +33,13 @@ def test_cli_trains_end_to_end_and_writes_tensorboard_jsonl_results(tmp_path, ca
     assert str(run_dir) in printed and "k-NN top-1" in printed
 
     results = json.loads((run_dir / "results.json").read_text())
-    for which in ("model1", "model2"):
-        assert 0.0 <= results[which]["knn_top1"] <= 100.0
-        assert 0.0 <= results[which]["knn_top1_untrained"] <= 100.0
+    table = {line.split()[0]: line.split() for line in printed.splitlines() if line.startswith(("model1 ", "model2 "))}
+    for column, (untrained, key) in enumerate(((True, "knn_top1_untrained"), (False, "knn_top1")), start=2):
+        predictions, labels = literal_run_predictions(run_dir, untrained=untrained)
+        for which in ("model1", "model2"):
+            score = results[which][key]
+            assert score == pytest.approx(agreement(predictions[int(which[-1]) - 1], labels)), key
+            assert float(table[which][column]) == pytest.approx(score, abs=0.0051), key  # the table the user reads (2 decimals)
     assert results["steps"] == 8
     assert load_config(str(run_dir / "config.yaml")).data.synthetic_size == 32  # resolved config saved
 

@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from literal_eval import agreement, literal_run_predictions
 from mokd.config import load_config
 from mokd.eval.export import stock_timm_model
-from mokd.eval.run_evaluation import eval_loaders, load_run
+from mokd.eval.run_evaluation import load_run
 from mokd.launch.cli import main
-from test_eval_knn_analysis import literal_knn
 
 TINY_RUN = [
     "model1.backbone=resnet18", "model1.small_image=true", "model1.width=8",
@@ -36,26 +36,6 @@ def trained_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("eval") / "run"
     assert main(["train", "--preset", "demo", "--no-progress", f"run_dir={run_dir}", *TINY_RUN]) == 0
     return run_dir
-
-
-def literal_run_predictions(run_dir) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Each teacher's k-NN predictions on the run's test split, from its pooled features and the literal vote."""
-    config, teachers, _ = load_run(run_dir)
-    bank_loader, test_loader, classes = eval_loaders(config)
-    predictions = []
-    with torch.no_grad():
-        for teacher in teachers:
-            backbone = teacher.backbone.eval()
-            bank = torch.cat([backbone(images).pooled for images, _ in bank_loader])
-            test = torch.cat([backbone(images).pooled for images, _ in test_loader])
-            bank_labels = torch.cat([labels for _, labels in bank_loader])
-            predictions.append(literal_knn(bank, bank_labels, test, classes, config.eval.knn_k,
-                                           config.eval.knn_temperature))
-    return predictions, torch.cat([labels for _, labels in test_loader])
-
-
-def agreement(first: torch.Tensor, second: torch.Tensor) -> float:
-    return 100.0 * sum(int(a) == int(b) for a, b in zip(first, second)) / len(first)
 
 
 def assert_whole_images(top1: float, images: int) -> None:

@@ -10,27 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from helpers import TINY_RESNET, TINY_VIT, tiny_config
+from literal_eval import literal_knn
 from mokd.eval.analysis import cnn_attention_distance, prediction_consistency, vit_attention_distance
 from mokd.eval.knn import knn_predict, knn_top1
 from mokd.method.backbones import Backbone
-
-
-def literal_knn(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, classes: int,
-                k: int = 20, temperature: float = 0.07) -> torch.Tensor:
-    """One query at a time: cosine similarity to every bank feature, the k most similar (all of them when the bank
-    is smaller) vote for their class with weight exp(similarity / T), the class with the largest sum wins."""
-    bank, queries = bank.double(), queries.double()
-    bank = bank / bank.norm(dim=1, keepdim=True)
-    predictions = []
-    for query in queries:
-        query = query / query.norm()
-        similarity = [float(query @ row) for row in bank]
-        nearest = sorted(range(len(similarity)), key=lambda i: -similarity[i])[:k]
-        scores = [0.0] * classes
-        for i in nearest:
-            scores[int(bank_labels[i])] += math.exp(similarity[i] / temperature)
-        predictions.append(max(range(classes), key=lambda c: scores[c]))
-    return torch.tensor(predictions)
 
 
 def random_features(samples: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

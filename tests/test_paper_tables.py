@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from literal_eval import agreement, literal_run_predictions
 from mokd.config import load_config
 from mokd.launch.cli import main
 
@@ -91,16 +92,20 @@ def test_evaluate_a_real_run_matches_mokd_eval_knn(tmp_path: Path, monkeypatch) 
     for value in curve[1]["knn_top1"] + curve[0]["knn_top1_subset"] + curve[-1]["knn_top1_subset"]:
         assert value / 5 == pytest.approx(round(value / 5), abs=1e-6)
     for split in ("test", "validation"):
-        assert 0 <= evaluation[split]["prediction_consistency"] <= 100
-        for which in ("model1", "model2"):
-            assert 0 <= evaluation[split][which]["linear_top1"] <= 100
-    # The same teachers scored through the CLI: the final test k-NN must be the runner's, split for split.
+        predictions, labels = literal_run_predictions(run_dir, split)
+        assert evaluation[split]["prediction_consistency"] == pytest.approx(agreement(*predictions))
+        for which in range(2):
+            assert evaluation[split][f"model{which + 1}"]["knn_top1"] == pytest.approx(
+                agreement(predictions[which], labels))
+    # The same teachers scored through the CLI: the final k-NN and linear probe must be the runner's, split for split.
     for split in ("test", "validation"):
         assert main(["eval", "knn", "--run", str(run_dir), f"eval.split={split}", "eval.knn_untrained=false"]) == 0
+        assert main(["eval", "linear", "--run", str(run_dir), f"eval.split={split}"]) == 0
         results = json.loads((run_dir / "results.json").read_text())
         assert results["split"] == split and results["steps"] == 8
         for which in ("model1", "model2"):
-            assert results[which]["knn_top1"] == pytest.approx(evaluation[split][which]["knn_top1"], abs=1e-9)
+            for metric in ("knn_top1", "linear_top1"):
+                assert results[which][metric] == pytest.approx(evaluation[split][which][metric], abs=1e-9), (metric, split, which)
     assert curve[-1]["knn_top1"] == [evaluation["test"][m]["knn_top1"] for m in ("model1", "model2")]
 
 

@@ -16,7 +16,7 @@ conditions the short SGD run so one learning rate works for every backbone.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -73,12 +73,13 @@ def extract_eval_features(backbone: Backbone, loader: DataLoader, device: torch.
 class LinearProbe(nn.Module):
     """Standardisation with fixed training statistics, then the trained Linear layer."""
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, num_classes: int) -> None:
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, num_classes: int,
+                 generator: Optional[torch.Generator] = None) -> None:
         super().__init__()
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
         self.linear = nn.Linear(mean.numel(), num_classes)
-        nn.init.normal_(self.linear.weight, std=0.01)
+        nn.init.normal_(self.linear.weight, std=0.01, generator=generator)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -93,10 +94,10 @@ def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes
                          f"{labels.shape[0]} labels")
     features = features.float()
     std = features.std(dim=0, unbiased=False).clamp_min(1e-6)
-    probe = LinearProbe(features.mean(dim=0), std, num_classes)
+    generator = torch.Generator().manual_seed(seed)  # the initial weights and the batch order: a probe is repeatable
+    probe = LinearProbe(features.mean(dim=0), std, num_classes, generator)
     lr = base_lr * batch_size / 256
     optimizer = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(features.shape[0] / batch_size)
     total = epochs * steps_per_epoch
     standardised = (features - probe.mean) / probe.std  # once, not per step: the epochs are many and cheap
