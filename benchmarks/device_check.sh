@@ -4,8 +4,9 @@
 #   2. the Triton kernels compiled for the GPU against the float64 literal loss and torch.lerp (the interpreter
 #      checks of tests/test_kernels_triton_interpret.py, run on cuda tensors: odd K, B = 1, 2+10 crops, both
 #      pairings, fp32/bf16/fp16, strided layouts, mixed-dtype EMA groups), and the fused loss kernels
-#      (loss.fused_terms, loss.fused_head's student side) against their float64 literals
-#      (tests/test_kernels_fused_terms.py and tests/test_kernels_fused_head.py, run on cuda tensors);
+#      (loss.fused_terms, loss.fused_head's student side) against their float64 literals, fused_terms' forward and
+#      backward captured in a CUDA graph and replayed (tests/test_kernels_fused_terms.py and
+#      tests/test_kernels_fused_head.py, run on cuda tensors);
 #   3. the kernel microbenchmarks at K = 65536, 2+10 crops, B 64/128/256, in bf16 (with the EMA) and in fp32, and
 #      the loss block of one head (its last layer + L_sm + L_cm, forward and backward: per-term path, fused_terms,
 #      fused_head) in fp32 (benchmarks/kernels.py refuses to time an implementation whose loss or gradient

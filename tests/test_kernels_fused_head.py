@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from test_kernels_dino_ce import TAU_S, case_seed
-from test_kernels_fused_terms import CASES, make_targets
+from test_kernels_fused_terms import CASES, host_traffic, make_targets
 
 
 def literal_head64(x, weight, targets):
@@ -44,6 +44,16 @@ def literal_head64(x, weight, targets):
     return total.detach(), torch.stack(losses).detach(), torch.stack(colsums), torch.stack(entropies), dx, dw
 
 
+def head_inputs(case, dtype, seed, device="cpu"):
+    """The case's last-layer input x (unit rows, as the head's normalised bottleneck), weight and targets."""
+    n_crops, batch, k, _ = case
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(n_crops * batch, 24, generator=gen), dim=-1)
+    x = x.to(dtype).to(device).requires_grad_(True)
+    weight = (torch.randn(k, 24, generator=gen) * 3.0).to(dtype).to(device).requires_grad_(True)
+    return x, weight, make_targets(case, gen, dtype, device)
+
+
 def run_fused_head(case, dtype, seed, tile_elements=None, monkeypatch=None, impl="auto", device="cpu"):
     import importlib
 
@@ -52,12 +62,7 @@ def run_fused_head(case, dtype, seed, tile_elements=None, monkeypatch=None, impl
     if tile_elements is not None:
         # (the package exports the function under the module's name: fetch the module itself)
         monkeypatch.setattr(importlib.import_module("mokd.kernels.fused_head"), "_TILE_ELEMENTS", tile_elements)
-    n_crops, batch, k, _ = case
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.nn.functional.normalize(torch.randn(n_crops * batch, 24, generator=gen), dim=-1)
-    x = x.to(dtype).to(device).requires_grad_(True)
-    weight = (torch.randn(k, 24, generator=gen) * 3.0).to(dtype).to(device).requires_grad_(True)
-    targets = make_targets(case, gen, dtype, device)
+    x, weight, targets = head_inputs(case, dtype, seed, device)
     out = fused_head(x, weight, TAU_S, targets, impl=impl)
     out.total.backward()
     return out, x, weight, targets
@@ -121,4 +126,9 @@ if __name__ == "__main__":
         sys.exit("run through pytest, or with TRITON_INTERPRET=1 set, or name a GPU device: cuda")
     for case in CASES:
         check_fused_head_triton(case, case_seed(case, "head-triton"), device)
+    # No host data in and no host synchronisation, student (Triton) and teacher (torch) sides alike.
+    from mokd.kernels import fused_head
+
+    x, weight, targets = head_inputs(CASES[1], torch.float32, 0, device)
+    assert host_traffic(lambda: fused_head(x, weight, TAU_S, targets, impl="triton").total.backward(), device) == []
     print(f"fused_head triton on {device}: passed")

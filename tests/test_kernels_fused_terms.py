@@ -2,7 +2,10 @@
 
 The Triton kernels run under the Triton interpreter in a subprocess (TRITON_INTERPRET=1 must be set before the
 kernel modules import; see test_kernels_triton_interpret.py); shapes stay small. The reference is DINO's loop in
-float64 per term (literal_dino64), the terms' weighted sum, and autograd through it.
+float64 per term (literal_dino64), the terms' weighted sum, and autograd through it. The same script runs compiled
+on a GPU (``python tests/test_kernels_fused_terms.py cuda``, benchmarks/device_check.sh). On both, the Triton
+path's forward and backward must dispatch nothing a CUDA graph capture refuses (host data made into a tensor, a
+value read back, a copy between devices); on a GPU they are also captured in one graph and replayed.
 """
 
 import os
@@ -110,6 +113,60 @@ def test_fused_terms_rejects_bad_targets():
         fused_terms(student, TAU_S, [DinoTarget(torch.randn(3, 10), None, TAU_T, 2)])
 
 
+def host_traffic(fn, device) -> list[str]:
+    """The ops fn dispatches that a CUDA graph capture refuses: a tensor made from host data (torch.tensor of a
+    list, a scalar written by indexing), a value read back to the host (.item()), a copy between devices."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.found = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = str(func)
+            outputs = out if isinstance(out, (tuple, list)) else [out]
+            elsewhere = any(isinstance(t, torch.Tensor) and t.device.type not in ("meta", torch.device(device).type)
+                            for t in outputs)
+            if "lift_fresh" in name or "_local_scalar_dense" in name or elsewhere:
+                self.found.append(name)
+            return out
+
+    with Recorder() as recorder:
+        fn()
+    return recorder.found
+
+
+def check_fused_terms_host_free(device):
+    """The Triton path, forward and backward, on the largest case: no host data in, no host synchronisation."""
+    from mokd.kernels.fused_terms import fused_terms
+
+    student, targets, _ = make_case(CASES[1], device=device)
+    assert host_traffic(lambda: fused_terms(student, TAU_S, targets, impl="triton").total.backward(), device) == []
+
+
+def check_fused_terms_cuda_graph(case, seed):
+    """On a GPU: the forward and backward captured in one CUDA graph, replayed, give the literal loss and gradient."""
+    from mokd.kernels.fused_terms import fused_terms
+
+    student, targets, (total64, _, grad64, _, _) = make_case(case, device="cuda", seed=seed)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiled and warmed up outside the capture
+        fused_terms(student, TAU_S, targets, impl="triton").total.backward()
+    torch.cuda.current_stream().wait_stream(side)
+    student.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_terms(student, TAU_S, targets, impl="triton")
+        out.total.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out.total.double(), total64, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(student.grad.double(), grad64, rtol=2e-4, atol=1e-7)
+
+
 def test_fused_terms_triton_interpreted():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300,
@@ -123,4 +180,7 @@ if __name__ == "__main__":
         sys.exit("run through pytest, or with TRITON_INTERPRET=1 set, or name a GPU device: cuda")
     for case in CASES:
         check_fused_terms(case, "triton", device=device, seed=case_seed(case, "triton"))
+    check_fused_terms_host_free(device)
+    if device == "cuda":
+        check_fused_terms_cuda_graph(CASES[0], case_seed(CASES[0], "graph"))
     print(f"fused_terms triton on {device}: passed")

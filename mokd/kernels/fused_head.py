@@ -46,8 +46,7 @@ def _pairing(layout, dtype, device) -> torch.Tensor:
     """M [S, T]: M[u, v] = 1 when student crop u is paired with teacher view v."""
     m = torch.ones(layout.student, layout.teacher, dtype=dtype, device=device)
     if layout.exclude_same:
-        n = min(layout.student, layout.teacher)
-        m[torch.arange(n), torch.arange(n)] = 0
+        m.fill_diagonal_(0)  # crop u = view u for u < min(S, T)
     return m
 
 
@@ -226,10 +225,10 @@ class _FusedHead(torch.autograd.Function):
         coefs = [grad_losses[i].to(acc) / (tau_s * term.layout.n_pairs * term.layout.batch)
                  for i, term in enumerate(terms)]
         a = torch.zeros(rows, dtype=acc, device=x.device)  # a_r = sum_t c_t w_r^t
-        for term, coef in zip(terms, coefs):
-            layout = term.layout
-            w = torch.tensor(layout.pair_weights(), dtype=acc, device=x.device)
-            a[term.start:term.stop] += (coef * w).repeat_interleave(layout.batch)
+        for term, coef in zip(terms, coefs):  # per crop, the pair weights as scalars (no host-to-device copy)
+            crops = a[term.start:term.stop].view(term.layout.student, term.layout.batch)
+            for u, pair_weight in enumerate(term.layout.pair_weights()):
+                crops[u] += coef * pair_weight
         widest = max([rows] + [t.teacher.shape[0] for t in targets])
         grad_x, grad_w = (g.to(acc) for g in _STUDENT[ctx.impl][1](xa, wa, lse_s, a, tau_s, widest))
         for term, coef, yw in zip(terms, coefs, projected):
@@ -267,5 +266,5 @@ def fused_head(features: torch.Tensor, weight: torch.Tensor, student_temperature
     with torch.autocast(features.device.type, enabled=False):
         losses, column_sums, entropies = _FusedHead.apply(features, weight, float(student_temperature), targets,
                                                           terms, impl)
-    weights = torch.tensor([float(t.weight) for t in targets], dtype=losses.dtype, device=losses.device)
-    return FusedTermsOutput((losses * weights).sum(), losses.detach(), column_sums, entropies)
+    total = torch.stack([losses[n] * float(t.weight) for n, t in enumerate(targets)]).sum()
+    return FusedTermsOutput(total, losses.detach(), column_sums, entropies)

@@ -272,7 +272,9 @@ class _TritonFusedTerms(torch.autograd.Function):
             BLOCK_K=block_k,
         )
         losses = row_loss.sum(dim=0)
-        total = (losses * torch.tensor(weights, **f32)).sum()
+        # (the weights enter as kernel scalars: a tensor made from them would copy host memory, which a CUDA graph
+        # capture refuses)
+        total = torch.stack([losses[n] * weight for n, weight in enumerate(weights)]).sum()
         ctx.save_for_backward(grad)
         entropies, column_sums = torch.stack(entropies), torch.stack(column_sums)
         ctx.mark_non_differentiable(losses, column_sums, entropies)
