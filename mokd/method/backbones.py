@@ -12,6 +12,8 @@ import timm
 import torch
 from torch import nn
 
+from mokd.errors import ConfigError
+
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 VIT_HEADS = {"vit_tiny_patch16_224": 3, "vit_small_patch16_224": 6, "vit_base_patch16_224": 12}
 VIT_WIDTHS = {"vit_tiny_patch16_224": 192, "vit_small_patch16_224": 384, "vit_base_patch16_224": 768}
@@ -27,8 +29,6 @@ class BackboneOutput(NamedTuple):
 
 def check_backbone(name: str, model_config) -> None:
     """Refuse a backbone the engine cannot build; `name` is the config section (model1/model2)."""
-    from mokd.config import ConfigError
-
     if model_config.backbone not in RESNETS + VITS:
         raise ConfigError(f"{name}.backbone={model_config.backbone!r} is not supported; "
                           f"choose one of {', '.join(RESNETS + VITS)}")
