@@ -35,15 +35,15 @@ def test_grid_holds_each_table_and_every_run_config_is_valid() -> None:
     runs = paper_tables.grid()
     names = [run.name for run in runs]
     assert len(names) == len(set(names))
-    table1 = [run for run in runs if run.variant in ("dino", "mokd")]
+    table1 = [run for run in runs if run.variant in ("dino", "mokd", "mokd-vit-sm-cm")]
     assert {(run.pair, run.variant, run.seed) for run in table1} == {
         (pair, variant, seed) for pair in ("cnn_vit", "cnn_cnn", "vit_vit") for variant in ("dino", "mokd")
-        for seed in (0, 1, 2)}
+        for seed in (0, 1, 2)} | {("cnn_vit", "mokd-vit-sm-cm", seed) for seed in (0, 1, 2)}
     assert runs[:len(table1)] == table1  # Table 1 is trained first
     assert {(run.pair, run.variant) for run in runs if run.variant.endswith("long")} == {
         (pair, "mokd-long") for pair in ("cnn_vit", "cnn_cnn", "vit_vit")}
-    ablations = {(run.variant, run.seed) for run in runs if run.pair == "cnn_vit" and run.variant not in ("dino", "mokd")
-                 and not run.variant.endswith("long")}
+    ablations = {(run.variant, run.seed) for run in runs if run.pair == "cnn_vit"
+                 and run not in table1 and not run.variant.endswith("long")}
     assert ablations == {(variant, seed) for seed in (0, 1, 2) for variant in ("sm+cm", "sm+cm+st", "lam1=0", "lam1=1",
                                                                                  "lam2=0", "lam2=0.1")}
     for run in runs:
@@ -61,6 +61,11 @@ def test_grid_holds_each_table_and_every_run_config_is_valid() -> None:
         expected = {"dino": (True, False, False, False), "sm+cm": (True, True, False, False),
                     "sm+cm+st": (True, True, True, False)}.get(run.variant.split("-")[0], (True, True, True, True))
         assert terms == expected, run.name
+        vit_terms = {"st": 0.0, "ct": 0.0} if run.variant == "mokd-vit-sm-cm" else {}  # the ViT without its T-Head
+        for which, model in ((1, config.model1), (2, config.model2)):
+            want = vit_terms if which == 2 else {}
+            assert {t: float(model.term_weights.get(t, 1.0)) for t in ("sm", "st", "cm", "ct")} == {
+                t: want.get(t, 1.0) for t in ("sm", "st", "cm", "ct")}, run.name
         weights = (config.model1.cross_weight, config.model2.cross_weight)
         if run.pair == "cnn_vit" and run.variant.startswith("lam"):
             which, value = run.variant[3], float(run.variant.split("=")[1])
