@@ -96,6 +96,13 @@ class Backbone(nn.Module):
         """A ViT's embedding width (its configured width, else timm's for the architecture)."""
         return model_config.width or VIT_WIDTHS[model_config.backbone]
 
+    def sharding_units(self) -> list[nn.Module]:
+        """The modules a sharded strategy gathers one at a time: a ResNet's residual blocks, a ViT's blocks."""
+        if self.is_vit:
+            return list(self.net.blocks)
+        return [block for stage in (self.net.layer1, self.net.layer2, self.net.layer3, self.net.layer4)
+                for block in stage]
+
     def use_channels_last(self, enabled: bool) -> None:
         """ResNets: weights and inputs in NHWC, the layout tensor-core convolutions read directly. ViTs: no-op."""
         if self.is_vit:
