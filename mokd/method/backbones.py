@@ -12,6 +12,7 @@ import timm
 import torch
 from torch import nn
 
+from mokd.config import MOKDConfig, component_check
 from mokd.errors import ConfigError
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -25,6 +26,13 @@ class BackboneOutput(NamedTuple):
     pooled: torch.Tensor  # [B, C]
     tokens: torch.Tensor  # [B, N, C]
     grid: tuple[int, int]  # token grid (h, w), N = h * w
+
+
+@component_check
+def check_backbones(config: MOKDConfig) -> None:
+    """Refuse a backbone the engine cannot build, naming its model section."""
+    for name in ("model1", "model2"):
+        check_backbone(name, getattr(config, name))
 
 
 def check_backbone(name: str, model_config) -> None:
