@@ -13,7 +13,7 @@ import math
 from importlib.resources import files
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -479,6 +479,19 @@ def _get(config: MOKDConfig, dotted: str) -> Any:
     return value
 
 
+ConfigCheck = Callable[[MOKDConfig], None]
+_COMPONENT_CHECKS: list[ConfigCheck] = []
+
+
+def component_check(check: ConfigCheck) -> ConfigCheck:
+    """Registers (as a decorator) a check of a whole configuration that only a component can make: which
+    backbones it builds, whether its kernels are built here. The schema imports no component, so each registers
+    its own when imported, and `validate` runs every registered check after the schema's; the launch layer
+    imports all of them (mokd.launch.components) before it reads a configuration."""
+    _COMPONENT_CHECKS.append(check)
+    return check
+
+
 def check_ranges(config: Any, prefix: str = "") -> None:
     """Every number of the schema finite and inside the Range its option declares, naming the key."""
     for item in fields(config):
@@ -497,23 +510,14 @@ def check_ranges(config: Any, prefix: str = "") -> None:
 
 
 def validate(config: MOKDConfig) -> None:
-    """Refuse values and combinations that cannot train, naming the key, before any model is built."""
+    """Refuse values and combinations that cannot train, naming the key, before any model is built: the schema's
+    checks, then those the components registered (component_check)."""
     check_ranges(config)
     for key, allowed in CHOICES.items():
         if _get(config, key) not in allowed:
             raise ConfigError(f"{key}={_get(config, key)!r} is not one of {', '.join(allowed)}")
-    if config.loss.kernel == "native":
-        from mokd.kernels import native
-
-        try:
-            native.require("loss.kernel=native")
-        except native.NativeKernelsUnavailable as error:
-            raise ConfigError(str(error)) from None
-    from mokd.method.backbones import check_backbone  # the method knows which backbones exist
-
     for name in ("model1", "model2"):
         model: ModelConfig = getattr(config, name)
-        check_backbone(name, model)
         for term, weight in model.term_weights.items():
             if term not in LOSS_TERMS:
                 raise ConfigError(f"{name}.term_weights.{term}: no such loss term (one of {', '.join(LOSS_TERMS)})")
@@ -546,6 +550,8 @@ def validate(config: MOKDConfig) -> None:
     if config.checkpoint.async_save and config.parallel.strategy == "deepspeed":
         raise ConfigError("checkpoint.async_save=true with parallel.strategy=deepspeed: DeepSpeed writes its own "
                           "format synchronously; use single, ddp or fsdp for asynchronous checkpoints")
+    for check in _COMPONENT_CHECKS:
+        check(config)
 
 
 def validate_shard_options(data: DataConfig) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from literal_eval import agreement, literal_run_predictions
 from mokd.config import ConfigError, load_config
 from mokd.engine.checkpoint import COMPLETE_MARKER, CheckpointError
 from mokd.engine.trainer import Trainer
+from mokd.launch import components  # noqa: F401  (the components' checks, which load_config runs)
 from mokd.launch.cli import main
 
 TINY_CLI = [
@@ -98,6 +100,25 @@ def test_unknown_config_key_is_refused_with_its_name(tmp_path, capsys):
 def test_impossible_pairs_are_refused_before_training(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("demo_cnn_vit", overrides)
+
+
+def test_components_check_the_config_in_a_fresh_process_before_any_work(tmp_path):
+    """The schema imports no component; the launch commands load the components' checks themselves: `mokd config`
+    imports nothing else that would, and `mokd train` refuses before it writes into the run directory."""
+    script = (
+        "import sys\n"
+        "from mokd.launch.cli import main\n"
+        "assert main(['config', 'model1.backbone=resnet152']) == 2\n"
+        "assert main(['train', f'run_dir={sys.argv[1]}', 'loss.kernel=native']) == 2\n"
+    )
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "MOKD_NATIVE_LIBRARY": str(tmp_path / "missing.so")}
+    result = subprocess.run([sys.executable, "-c", script, str(run_dir)], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "model1.backbone='resnet152' is not supported" in result.stderr
+    assert "loss.kernel=native needs the native CPU kernels" in result.stderr
+    assert not run_dir.exists()
 
 
 def test_missing_dataset_says_how_to_install_it(tmp_path, capsys):

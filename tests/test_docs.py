@@ -17,6 +17,7 @@ import pytest
 
 from mokd import config as schema
 from mokd.errors import MokdError
+from mokd.launch import components  # noqa: F401  (the components' checks, which load_config runs)
 from mokd.launch.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]

@@ -165,6 +165,7 @@ def test_native_is_refused_with_build_instructions_when_not_built(tmp_path):
     script = (
         "from mokd.config import ConfigError, load_config\n"
         "from mokd.kernels import native\n"
+        "from mokd.launch import components  # the loss-kernel check load_config runs\n"
         "assert not native.available()\n"
         "try:\n"
         "    load_config(None, ['loss.kernel=native'])\n"

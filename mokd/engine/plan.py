@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from mokd.engine.runtime import autocast, autocast_dtype
+from mokd.method.network import Network
 from mokd.method.pair import build_network
 
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 4, "lars": 4}
@@ -39,10 +40,8 @@ class ModelCounts:
     optimizer_bytes_per_parameter: int
 
 
-def _counts(network: nn.Module, optimizer: str) -> ModelCounts:
-    from mokd.engine.strategies.fsdp import sharding_units
-
-    units = sharding_units(network)
+def _counts(network: Network, optimizer: str) -> ModelCounts:
+    units = network.sharding_units()
     unit_ids = {id(p) for unit in units for p in unit.parameters()}
     root = sum(p.numel() for p in network.parameters() if id(p) not in unit_ids)
     largest = max([root] + [sum(p.numel() for p in unit.parameters()) for unit in units])

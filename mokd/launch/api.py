@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from mokd.config import load_config
+from mokd.launch import components  # noqa: F401  (every component's configuration check)
 
 Overrides = Union[Mapping[str, Any], Sequence[str]]
 

@@ -13,6 +13,8 @@ from mokd.config import describe_options, list_presets, load_config, preset_text
 from mokd.errors import MokdError, user_message
 
 DEFAULT_PRESET = "demo"
+# The commands that read a configuration (from presets and overrides, or a run directory's config.yaml).
+CONFIG_COMMANDS = ("train", "eval", "export", "plan", "bench", "config")
 
 
 def preset_summary() -> str:
@@ -299,6 +301,8 @@ def plan_command(args: argparse.Namespace) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in CONFIG_COMMANDS:
+            from mokd.launch import components  # noqa: F401  (every component's configuration check)
         if args.command == "train":
             return train_command(args.preset, args.overrides, not args.no_progress)
         if args.command == "eval":

@@ -12,6 +12,7 @@ import timm
 import torch
 from torch import nn
 
+from mokd.config import MOKDConfig, component_check
 from mokd.errors import ConfigError
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -25,6 +26,13 @@ class BackboneOutput(NamedTuple):
     pooled: torch.Tensor  # [B, C]
     tokens: torch.Tensor  # [B, N, C]
     grid: tuple[int, int]  # token grid (h, w), N = h * w
+
+
+@component_check
+def check_backbones(config: MOKDConfig) -> None:
+    """Refuse a backbone the engine cannot build, naming its model section."""
+    for name in ("model1", "model2"):
+        check_backbone(name, getattr(config, name))
 
 
 def check_backbone(name: str, model_config) -> None:
@@ -95,6 +103,13 @@ class Backbone(nn.Module):
     def width_of(model_config) -> int:
         """A ViT's embedding width (its configured width, else timm's for the architecture)."""
         return model_config.width or VIT_WIDTHS[model_config.backbone]
+
+    def sharding_units(self) -> list[nn.Module]:
+        """The modules a sharded strategy gathers one at a time: a ResNet's residual blocks, a ViT's blocks."""
+        if self.is_vit:
+            return list(self.net.blocks)
+        return [block for stage in (self.net.layer1, self.net.layer2, self.net.layer3, self.net.layer4)
+                for block in stage]
 
     def use_channels_last(self, enabled: bool) -> None:
         """ResNets: weights and inputs in NHWC, the layout tensor-core convolutions read directly. ViTs: no-op."""

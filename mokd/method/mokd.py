@@ -31,8 +31,10 @@ from typing import Callable, ContextManager, NamedTuple, Optional
 import torch
 from torch import nn
 
-from mokd.config import LOSS_TERMS
-from mokd.kernels import DinoCrossEntropyOutput, DinoTarget, dino_cross_entropy, ema_, fused_head, fused_terms
+from mokd.config import LOSS_TERMS, MOKDConfig, component_check
+from mokd.errors import ConfigError
+from mokd.kernels import (DinoCrossEntropyOutput, DinoTarget, dino_cross_entropy, ema_, fused_head, fused_terms,
+                          native)
 from mokd.method.centring import ReduceSum, no_reduction, sinkhorn_knopp
 from mokd.method.koleo import koleo_loss
 from mokd.method.network import NetworkOutput, search_request, searched_rows
@@ -41,6 +43,17 @@ TERMS = LOSS_TERMS
 CENTRED_TERMS = ("sm", "st", "cm")
 # The terms that read each student tensor (h_i's logits, g_i's logits): what loss.fused_terms / fused_head group.
 HEAD_TERMS = {"mlp": ("sm", "cm"), "thead": ("st", "ct")}
+
+
+@component_check
+def check_loss_kernel(config: MOKDConfig) -> None:
+    """loss.kernel=native only where the native CPU kernels are built: refused with the build command before the
+    run starts, not at its first loss."""
+    if config.loss.kernel == "native":
+        try:
+            native.require("loss.kernel=native")
+        except native.NativeKernelsUnavailable as error:
+            raise ConfigError(str(error)) from None
 
 
 @dataclass(frozen=True)

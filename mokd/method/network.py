@@ -85,6 +85,13 @@ class Network(nn.Module):
                                head_config.thead_heads, head_config.thead_mlp_ratio, (side, side),
                                head_config.attention)
 
+    def sharding_units(self) -> list[nn.Module]:
+        """The modules FSDP2 shards as units of their own below the root (and `mokd plan` counts as gathered whole
+        at once): the backbone's blocks and the MLP-Head. The T-Head stays in the root unit: besides its forward
+        (once per resolution group, and the search) the network calls its query projection directly, which only
+        the root's gathered parameters serve."""
+        return [*self.backbone.sharding_units(), self.mlp_head]
+
     def last_layers(self) -> list[nn.Module]:
         """The weight-normalised output layers, frozen during the first epoch(s)."""
         heads = [self.mlp_head] + ([self.thead] if self.thead is not None else [])

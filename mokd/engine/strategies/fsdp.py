@@ -1,4 +1,5 @@
-"""`fsdp`: FSDP2 (`fully_shard`) shards students and teachers alike, block by block, over all ranks.
+"""`fsdp`: FSDP2 (`fully_shard`) shards students and teachers alike over all ranks, unit by unit: the units are
+the ones the network declares (Network.sharding_units), each below the network's root unit.
 
 Each teacher is sharded with the same mesh and the same units as its student, so teacher shard k and student
 shard k hold the same elements and the EMA runs on local shards with no communication. A teacher forward
@@ -17,15 +18,6 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from mokd.engine.strategies.base import Strategy, convert_batchnorm
-
-# Units below the root: a ResNet's residual blocks, a ViT's transformer blocks, the MLP-Head. The T-Head stays
-# in the root unit: besides its forward (once per resolution group, and the search) the network calls its
-# query projection directly, which only the root's gathered parameters serve.
-_UNIT_CLASS_NAMES = ("BasicBlock", "Bottleneck", "Block", "MLPHead")
-
-
-def sharding_units(network: nn.Module) -> list[nn.Module]:
-    return [module for module in network.modules() if type(module).__name__ in _UNIT_CLASS_NAMES]
 
 
 class _ReshardingTeacher:
@@ -53,7 +45,7 @@ class FSDPStrategy(Strategy):
         plan += [(teacher, True) for teacher in teachers]
         for network, reshard in plan:
             convert_batchnorm(network, dist.get_backend())
-            for unit in sharding_units(network):
+            for unit in network.sharding_units():
                 fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
             fully_shard(network, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         return students, tuple(_ReshardingTeacher(teacher) for teacher in teachers)
