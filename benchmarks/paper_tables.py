@@ -206,7 +206,7 @@ def evaluate(run_dir: Path, device) -> dict:
     from mokd.eval.linear import extract_eval_features
     from mokd.eval.run_evaluation import (ModelFeatures, eval_dataset, knn_predictions, knn_top1_of, linear_top1_of,
                                           untrained_networks)
-    from mokd.method.pair import build_pair
+    from mokd.method.models import build_models
 
     config = load_config(str(run_dir / "config.yaml"), [f"run_dir={run_dir}"])
     splits = {split: load_config(str(run_dir / "config.yaml"), [f"run_dir={run_dir}", f"eval.split={split}"])
@@ -250,7 +250,7 @@ def evaluate(run_dir: Path, device) -> dict:
     for checkpoint in checkpoints:
         meta = CheckpointManager.load_meta(checkpoint)
         step, epoch = meta["step"], meta["data_position"]["epoch"]
-        _, teachers = build_pair(config, train_set.channels)
+        _, teachers = build_models(config, train_set.channels)
         for teacher, state in zip(teachers, load_teachers_file(checkpoint)):
             teacher.load_state_dict(state)
             teacher.to(device)

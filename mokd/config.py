@@ -9,9 +9,11 @@ run directory as `config.yaml`.
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from importlib.resources import files
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -25,8 +27,44 @@ from mokd.errors import ConfigError
 PRESETS = files("mokd") / "configs"
 
 
-# The loss terms of each model (DESIGN.md section 2): self MLP-Head, self T-Head, cross MLP-Head, cross search.
-LOSS_TERMS = ("sm", "st", "cm", "ct")
+@dataclass(frozen=True)
+class LossTerm:
+    """One row of the loss-term table: a term every model may run (DESIGN.md section 2).
+
+    head: the student head the term trains (mlp: the MLP-Head h, thead: the T-Head g).
+    teacher: whose EMA teacher gives the target: own (self-distillation) or other (one term per other model).
+    target: head (that teacher's logits of the same head over the global crops, every student crop against every
+    other view, centred or Sinkhorn-Knopp) or search (that teacher's T-Head over the student's queries put in its
+    global token map; one target per searched row, never centred).
+    The switch loss.<switch> turns the term on or off for every model, modelN.term_weights.<name> for one model;
+    the metrics are loss/modelI/<name> (cross terms of more than two models: loss/modelI/<name>J, J the teacher's
+    model)."""
+
+    name: str
+    switch: str
+    head: str
+    teacher: str
+    target: str
+    help: str
+
+    @property
+    def cross(self) -> bool:
+        """Weighed by lambda_i and, with N models, by 1 / (N - 1): one term per other model."""
+        return self.teacher == "other"
+
+    @property
+    def centred(self) -> bool:
+        return self.target == "head"
+
+
+LOSS_TERM_TABLE = (
+    LossTerm("sm", "self_mlp", "mlp", "own", "head", "L_sm: self-distillation of the MLP-Head"),
+    LossTerm("st", "self_thead", "thead", "own", "head", "L_st: self-distillation of the T-Head"),
+    LossTerm("cm", "cross_mlp", "mlp", "other", "head", "L_cm: MLP-Head against every other model's teacher"),
+    LossTerm("ct", "cross_search", "thead", "other", "search",
+             "L_ct: feature search with cross-attention in every other teacher's T-Head"),
+)
+LOSS_TERMS = tuple(term.name for term in LOSS_TERM_TABLE)
 
 
 @dataclass(frozen=True)
@@ -109,13 +147,16 @@ class ModelConfig:
                                              "always trained)")
     zero_init_last_bn: bool = option(False, "ResNet: zero-initialise the last BatchNorm of each residual block "
                                      "(timm's default; the official torchvision ResNets do not)")
-    thead_optim: str = option("auto", "schedules of this model's T-Head parameter group: own | other (the other "
-                              "model's lr and weight-decay schedules, every T-Head parameter decayed) | auto "
-                              "(other for a CNN paired with a ViT, as in the official code; else own)")
-    cross_weight: float = option(1.0, "lambda_i, weight of this model's cross terms L_cm + L_ct", NON_NEGATIVE)
-    term_weights: Dict[str, float] = option({}, "per-term multipliers of this model's loss, by term: sm | st | cm | "
-                                            "ct (model2.term_weights.st=0 turns L_st off for this model only; the "
-                                            "cross terms are also weighed by cross_weight; a term not named weighs 1)")
+    thead_optim: str = option("auto", "schedules of this model's T-Head parameter group: own | other (another "
+                              "model's lr and weight-decay schedules, every T-Head parameter decayed: the first ViT "
+                              "among the other models, else the next model) | auto (other for a CNN with a ViT among "
+                              "the other models, as in the official code; else own)")
+    cross_weight: float = option(1.0, "lambda_i, weight of this model's cross terms L_cm + L_ct; with N models each "
+                                 "other model's pair of terms weighs lambda_i / (N - 1)", NON_NEGATIVE)
+    term_weights: Dict[str, float] = option({}, f"per-term multipliers of this model's loss, by term: "
+                                            f"{' | '.join(LOSS_TERMS)} (model2.term_weights.st=0 turns L_st off for "
+                                            f"this model only; the cross terms are also weighed by cross_weight; a "
+                                            f"term not named weighs 1)")
     koleo_weight: float = option(0.0, "weight of the KoLeo regulariser on this student's pooled global-crop "
                                  "features (DINOv2; spreads features against dimensional collapse); 0: off",
                                  NON_NEGATIVE)
@@ -138,14 +179,16 @@ class HeadConfig:
     attention: str = option("sdpa", "T-Head attention: sdpa | flash (if installed) | math")
 
 
+# loss.<switch> for every row of the table (the ablation switches), declared by the table.
+LossSwitches = make_dataclass("LossSwitches", [(term.switch, bool, option(True, term.help))
+                                               for term in LOSS_TERM_TABLE])
+
+
 @dataclass
-class LossConfig:
-    self_mlp: bool = option(True, "L_sm: self-distillation of the MLP-Head")
-    self_thead: bool = option(True, "L_st: self-distillation of the T-Head")
-    cross_mlp: bool = option(True, "L_cm: MLP-Head against the other model's teacher")
-    cross_search: bool = option(True, "L_ct: feature search with cross-attention in the other teacher's T-Head")
+class LossConfig(LossSwitches):
     search_pairing: str = option("local_to_global", "local_to_global (official) | global_to_global (paper)")
-    centre_momentum: float = option(0.9, "momentum m_c of the six centres", UNIT)
+    centre_momentum: float = option(0.9, "momentum m_c of the DINO centres (one per model, centred term and "
+                                    "teacher)", UNIT)
     teacher_momentum: float = option(0.996, "EMA momentum at step 0 (cosine schedule to 1)", UNIT)
     kernel: str = option("auto", "DINO cross-entropy implementation: auto | triton | native | torch | reference "
                                  "(auto: triton on CUDA, native on CPU when built, else torch)")
@@ -308,10 +351,13 @@ class EvalConfig:
 
 @dataclass
 class MOKDConfig:
+    """A run with two models, model1 and model2; `schema_for(n)` adds model3 ... modelN (`load_config` picks the
+    schema from the model sections the preset and the overrides name)."""
+
     run_dir: str = option("runs/default", "run directory: config, checkpoints, metrics, results")
     model1: ModelConfig = section(ModelConfig, "the first model")
     model2: ModelConfig = section(ModelConfig, "the second model")
-    head: HeadConfig = section(HeadConfig, "head shapes shared by both models")
+    head: HeadConfig = section(HeadConfig, "head shapes shared by every model")
     loss: LossConfig = section(LossConfig, "loss switches and momenta")
     data: DataConfig = section(DataConfig, "training data and multi-crop")
     train: TrainConfig = section(TrainConfig, "training loop")
@@ -320,14 +366,68 @@ class MOKDConfig:
     parallel: ParallelConfig = section(ParallelConfig, "distribution over processes: strategy, ZeRO stage")
     eval: EvalConfig = section(EvalConfig, "evaluation")
 
+    @property
+    def models(self) -> list[ModelConfig]:
+        """model1 ... modelN, in order."""
+        return [getattr(self, f"model{k}") for k in range(1, model_count(self) + 1)]
+
+
+MIN_MODELS = 2
+MODEL_SECTION = re.compile(r"model([1-9][0-9]*)")
+
+
+def model_count(config: Any) -> int:
+    """N: the number of modelK sections of a config object, schema class or mapping."""
+    names = ([item.name for item in fields(config)] if is_dataclass(config) else list(config))
+    return sum(1 for name in names if MODEL_SECTION.fullmatch(str(name)))
+
+
+@functools.lru_cache(maxsize=None)
+def schema_for(n_models: int) -> type:
+    """The schema of a run with n_models models: MOKDConfig itself for two, else a subclass with model3 ...
+    modelN (model1 ... modelN: every preset, override, run directory and metric name written for a pair keeps
+    its meaning, and model K is addressed the same way everywhere)."""
+    if n_models < MIN_MODELS:
+        raise ConfigError(f"a run needs at least {MIN_MODELS} models (model1, model2), got {n_models}")
+    if n_models == MIN_MODELS:
+        return MOKDConfig
+    extra = [(f"model{k}", ModelConfig, section(ModelConfig, f"model {k}")) for k in range(MIN_MODELS + 1, n_models + 1)]
+    schema = make_dataclass(f"MOKDConfig{n_models}", extra, bases=(MOKDConfig,))
+    schema.__module__ = __name__
+    return schema
+
+
+def __getattr__(name: str) -> type:
+    """mokd.config.MOKDConfig3 and so on: the schemas for more models, by name, so their objects pickle (data
+    workers, process spawns) like MOKDConfig's."""
+    match = re.fullmatch(r"MOKDConfig([1-9][0-9]*)", name)
+    if match and int(match.group(1)) > MIN_MODELS:
+        return schema_for(int(match.group(1)))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _declared_models(layers: list[tuple[str, set[str]]]) -> int:
+    """N from the top-level keys each layer (preset file or override) names: the highest K of a modelK section,
+    at least 2; K without every lower number is refused, naming where it came from."""
+    numbers: dict[int, str] = {}
+    for origin, keys in layers:
+        for key in keys:
+            match = MODEL_SECTION.fullmatch(key)
+            if match:
+                numbers.setdefault(int(match.group(1)), origin)
+    n_models = max([MIN_MODELS, *numbers])
+    missing = [k for k in range(MIN_MODELS + 1, n_models + 1) if k not in numbers]
+    if missing:
+        top = max(numbers)
+        raise ConfigError(f"{numbers[top]}: model{top} is given but model{missing[0]} is not: models are numbered "
+                          f"model1 ... modelN without gaps")
+    return n_models
+
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model1.optim.name": ("sgd", "lars", "adamw"),
-    "model2.optim.name": ("sgd", "lars", "adamw"),
-    "model1.thead_optim": ("auto", "own", "other"),
-    "model2.thead_optim": ("auto", "own", "other"),
-    "model1.temperature.warmup_unit": ("step", "epoch"),
-    "model2.temperature.warmup_unit": ("step", "epoch"),
+    "modelN.optim.name": ("sgd", "lars", "adamw"),
+    "modelN.thead_optim": ("auto", "own", "other"),
+    "modelN.temperature.warmup_unit": ("step", "epoch"),
     "loss.centring": ("centre", "sinkhorn_knopp"),
     "head.attention": ("sdpa", "flash", "math"),
     "loss.search_pairing": ("local_to_global", "global_to_global"),
@@ -373,7 +473,8 @@ def reference_markdown() -> str:
              "Generated from the schema (`mokd/config.py`) by `mokd config --markdown`; do not edit by hand. A run's",
              "configuration is the schema's defaults, then a preset (`--preset NAME` or a YAML path), then",
              "`key=value` overrides; unknown keys and values outside the accepted range are refused before any work.",
-             "`model1.*` and `model2.*` take the same options (written `modelN.*` below)."]
+             "A run has two models, `model1` and `model2`, or more: naming `model3` (and so on, without gaps) in a",
+             "preset or an override adds a model. Every `modelK.*` takes the same options (written `modelN.*` below)."]
     shown = set()
     for item in fields(MOKDConfig):
         name = "modelN" if item.name in ("model1", "model2") else item.name
@@ -388,9 +489,9 @@ def reference_markdown() -> str:
         else:
             rows = [(item.name, item.default, item.metadata)]
         for key, value, metadata in rows:
-            allowed = CHOICES.get(key)
-            accepts = " | ".join(allowed) if allowed else (str(metadata["bounds"]) if metadata.get("bounds") else "")
             shown_key = key.replace("model1.", "modelN.", 1)
+            allowed = CHOICES.get(shown_key)
+            accepts = " | ".join(allowed) if allowed else (str(metadata["bounds"]) if metadata.get("bounds") else "")
             default = OmegaConf.to_yaml({"v": value}).strip()[len("v: "):].replace("\n", " ")
             lines.append(f"| `{shown_key}` | `{cell(default)}` | {cell(accepts)} | {cell(metadata.get('help', ''))} |")
     return "\n".join(lines) + "\n"
@@ -431,8 +532,9 @@ def _merge(base: DictConfig, layer: Any, origin: str) -> DictConfig:
 INHERIT_KEY = "inherit"
 
 
-def _merge_preset(config: DictConfig, preset: str, chain: tuple[str, ...] = ()) -> DictConfig:
-    """Merge a preset, after the preset it names with `inherit:` (shared settings of a family of presets)."""
+def _preset_layers(preset: str, chain: tuple[str, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """(origin, layer) of a preset, after those of the preset it names with `inherit:` (shared settings of a
+    family of presets)."""
     path = _preset_path(preset)
     if str(path) in chain:
         raise ConfigError(f"preset {path}: circular inherit through {' -> '.join(chain)}")
@@ -444,28 +546,37 @@ def _merge_preset(config: DictConfig, preset: str, chain: tuple[str, ...] = ()) 
         problem = getattr(error, "problem", None) or str(error)
         raise ConfigError(f"preset {where}: YAML syntax error: {problem}") from None
     parent = layer.pop(INHERIT_KEY, None)
-    if parent is not None:
-        config = _merge_preset(config, parent, chain + (str(path),))
-    return _merge(config, layer, f"preset {path}")
+    inherited = [] if parent is None else _preset_layers(parent, chain + (str(path),))
+    return [*inherited, (f"preset {path}", layer)]
 
 
 def load_config(preset: Optional[str] = None, overrides: Optional[list[str]] = None) -> MOKDConfig:
-    """Schema defaults, then the preset, then `key=value` overrides; validated; returned as a typed object."""
-    config = OmegaConf.structured(MOKDConfig)
-    if preset is not None:
-        config = _merge_preset(config, preset)
+    """Schema defaults, then the preset, then `key=value` overrides; validated; returned as a typed object of the
+    schema for as many models as the layers name."""
+    layers = _preset_layers(preset) if preset is not None else []
     for override in overrides or []:
         if "=" not in override:
             raise ConfigError(f"override {override!r} is not of the form key=value")
         key, value = override.split("=", 1)
-        config = _merge(config, OmegaConf.from_dotlist([f"{key}={value}"]), f"override {override!r}")
+        layers.append((f"override {override!r}", OmegaConf.from_dotlist([f"{key}={value}"])))
+    config = OmegaConf.structured(schema_for(_declared_models([(origin, set(layer)) for origin, layer in layers])))
+    for origin, layer in layers:
+        config = _merge(config, layer, origin)
     typed: MOKDConfig = OmegaConf.to_object(config)
     validate(typed)
     return typed
 
 
 def to_yaml(config: MOKDConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(config))
+    """The resolved configuration as YAML, model1 ... modelN together (a subclass's model3 ... come after model2,
+    not after the sections of the base)."""
+    tree = OmegaConf.to_container(OmegaConf.structured(config))
+    names = list(tree)
+    models = [name for name in names if MODEL_SECTION.fullmatch(name)]
+    rest = [name for name in names if name not in models]
+    at = names.index("model1")
+    order = [*rest[:at], *sorted(models, key=lambda name: int(name[len("model"):])), *rest[at:]]
+    return OmegaConf.to_yaml({name: tree[name] for name in order})
 
 
 def save_config(config: MOKDConfig, path: Path) -> None:
@@ -513,11 +624,12 @@ def validate(config: MOKDConfig) -> None:
     """Refuse values and combinations that cannot train, naming the key, before any model is built: the schema's
     checks, then those the components registered (component_check)."""
     check_ranges(config)
+    names = [f"model{k}" for k in range(1, len(config.models) + 1)]
     for key, allowed in CHOICES.items():
-        if _get(config, key) not in allowed:
-            raise ConfigError(f"{key}={_get(config, key)!r} is not one of {', '.join(allowed)}")
-    for name in ("model1", "model2"):
-        model: ModelConfig = getattr(config, name)
+        for concrete in ([key.replace("modelN", name, 1) for name in names] if key.startswith("modelN.") else [key]):
+            if _get(config, concrete) not in allowed:
+                raise ConfigError(f"{concrete}={_get(config, concrete)!r} is not one of {', '.join(allowed)}")
+    for name, model in zip(names, config.models):
         for term, weight in model.term_weights.items():
             if term not in LOSS_TERMS:
                 raise ConfigError(f"{name}.term_weights.{term}: no such loss term (one of {', '.join(LOSS_TERMS)})")
@@ -529,8 +641,8 @@ def validate(config: MOKDConfig) -> None:
                 raise ConfigError(f"data.{bound} must be [low, high] with 0 < low <= high <= 1, got {scale}")
     if config.parallel.zero_stage not in (1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3, got {config.parallel.zero_stage}")
-    for name in ("model1", "model2"):
-        if config.parallel.strategy == "deepspeed" and getattr(config, name).optim.name == "lars":
+    for name, model in zip(names, config.models):
+        if config.parallel.strategy == "deepspeed" and model.optim.name == "lars":
             raise ConfigError(f"{name}.optim.name=lars with parallel.strategy=deepspeed: ZeRO hands the optimiser "
                               f"flat partitions, so LARS's per-parameter trust ratio cannot be computed; use sgd or "
                               f"adamw, or parallel.strategy=fsdp")

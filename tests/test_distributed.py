@@ -28,7 +28,7 @@ from helpers import tiny_config
 from mokd.config import save_config
 from mokd.engine.plan import estimate
 from mokd.engine.trainer import Trainer
-from mokd.method.pair import build_pair
+from mokd.method.models import build_models
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 REPO = WORKER.parent.parent
@@ -175,7 +175,7 @@ def test_zero2_with_clipping_and_the_last_layer_freeze_matches_one_process(tmp_p
             assert norms[step] == pytest.approx(reference_norms[step], rel=1e-4)
     # The freeze acts: the teachers' last layers (EMAs of the students') are still the initial ones, while the
     # rest moved.
-    _, initial = build_pair(tiny_config(run_dir, extra=COMMON + LOUD_CLIPPED), in_chans=1)
+    _, initial = build_models(tiny_config(run_dir, extra=COMMON + LOUD_CLIPPED), in_chans=1)
     for state, teacher in zip(teachers, initial):
         initial_state = teacher.state_dict()
         last_layers = [key for key in initial_state if ".last_layer." in key]

@@ -11,7 +11,7 @@ import torch
 
 from mokd.config import list_presets, load_config
 from mokd.engine.trainer import Trainer
-from mokd.method.pair import build_network
+from mokd.method.models import build_network
 
 IMAGENET_PRESETS = [name for name in list_presets() if not name.startswith("demo")]
 PAIRS = {"r50_vit_s": ("resnet50", "vit_small_patch16_224"), "r50_vit_b": ("resnet50", "vit_base_patch16_224"),

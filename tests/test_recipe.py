@@ -25,7 +25,7 @@ from mokd.method.centring import sinkhorn_knopp
 from mokd.method.koleo import koleo_loss
 from mokd.method.monitors import feature_statistics
 from mokd.method.mokd import Centres, MOKDObjective, Temperatures
-from mokd.method.pair import build_pair, thead_width
+from mokd.method.models import build_models, thead_width
 from mokd.method.schedules import teacher_temperature_schedule
 
 SGD_CNN = ["model1.optim.name=sgd", "model1.optim.base_lr=0.3", "model1.optim.weight_decay=1e-4",
@@ -68,7 +68,7 @@ def test_thead_group_choice(tmp_path, models, overrides, follows):
 def test_thead_last_layer_norm_is_always_trainable(tmp_path):
     config = tiny_config(tmp_path, extra=["model1.trainable_last_layer_norm=false",
                                           "model2.trainable_last_layer_norm=true"])
-    students, _ = build_pair(config, in_chans=1)
+    students, _ = build_models(config, in_chans=1)
     assert not students[0].mlp_head.last_layer.weight_g.requires_grad
     assert students[1].mlp_head.last_layer.weight_g.requires_grad
     for student in students:
@@ -81,7 +81,7 @@ def test_thead_last_layer_norm_is_always_trainable(tmp_path):
 def test_thead_width_is_the_vits_and_the_vit_needs_no_projection(tmp_path):
     config = tiny_config(tmp_path, extra=["head.thead_dim=null"])
     assert thead_width(config) == 32  # TINY_VIT's width
-    cnn, vit = build_pair(config, in_chans=1)[0]
+    cnn, vit = build_models(config, in_chans=1)[0]
     assert isinstance(vit.thead.proj, nn.Identity)
     assert cnn.thead.proj.in_features == cnn.backbone.num_features and cnn.thead.proj.out_features == 32
     assert cnn.thead.pos_embed.shape[-1] == vit.thead.pos_embed.shape[-1] == 32
@@ -91,7 +91,7 @@ def test_thead_width_is_the_vits_and_the_vit_needs_no_projection(tmp_path):
 
 
 def test_official_initialisations(tmp_path):
-    cnn, vit = build_pair(tiny_config(tmp_path), in_chans=1)[0]
+    cnn, vit = build_models(tiny_config(tmp_path), in_chans=1)[0]
     for head in (cnn.mlp_head, cnn.thead, vit.mlp_head):
         weight = head.last_layer.weight_v
         bound = 1 / math.sqrt(weight.shape[1])  # nn.Linear's default: kaiming-uniform, U(-1/sqrt(fan_in), ..)
@@ -101,7 +101,7 @@ def test_official_initialisations(tmp_path):
     assert projection.std() > 0.9 / math.sqrt(3 * projection.shape[1])  # not trunc-normal(0.02)
     block = cnn.backbone.net.layer1[0]
     assert torch.all(block.bn2.weight == 1)  # torchvision's: last BN of a block not zeroed
-    zeroed = build_pair(tiny_config(tmp_path, extra=["model1.zero_init_last_bn=true"]), in_chans=1)[0][0]
+    zeroed = build_models(tiny_config(tmp_path, extra=["model1.zero_init_last_bn=true"]), in_chans=1)[0][0]
     assert torch.all(zeroed.backbone.net.layer1[0].bn2.weight == 0)
 
 
@@ -124,11 +124,11 @@ def test_blur_radius_scales_with_the_crop_side():
 
 
 def test_mlp_head_batchnorm(tmp_path):
-    cnn, vit = build_pair(tiny_config(tmp_path, extra=["head.mlp_batchnorm=true"]), in_chans=1)[0]
+    cnn, vit = build_models(tiny_config(tmp_path, extra=["head.mlp_batchnorm=true"]), in_chans=1)[0]
     for network in (cnn, vit):
         kinds = [type(m).__name__ for m in network.mlp_head.mlp]
         assert kinds == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"]
-    plain = build_pair(tiny_config(tmp_path), in_chans=1)[0][0]
+    plain = build_models(tiny_config(tmp_path), in_chans=1)[0][0]
     assert not any(isinstance(m, nn.BatchNorm1d) for m in plain.mlp_head.modules())
 
 
@@ -218,7 +218,7 @@ def test_objective_with_sinkhorn_targets_and_koleo_matches_the_equations(tmp_pat
                                           "model2.koleo_weight=0.2",
                                           "loss.self_thead=false", "loss.cross_search=false",
                                           "model1.cross_weight=0.5", "model2.cross_weight=1.0"])
-    students, teachers = build_pair(config, in_chans=1)
+    students, teachers = build_models(config, in_chans=1)
     students, teachers = tuple(s.double() for s in students), tuple(t.double() for t in teachers)
     centres = Centres(config.head.out_dim).double()
     centres.values.normal_()  # must be ignored under Sinkhorn-Knopp
@@ -330,7 +330,7 @@ def test_per_model_term_weights_follow_the_equation(tmp_path):
     config = tiny_config(tmp_path, extra=["model1.cross_weight=0.5", "model2.cross_weight=0.8",
                                           "model2.term_weights.st=0", "model2.term_weights.cm=0.25",
                                           "model1.term_weights.ct=2.0"])
-    students, teachers = build_pair(config, in_chans=1)
+    students, teachers = build_models(config, in_chans=1)
     centres = Centres(config.head.out_dim)
     centres.values.normal_()
     crops = [torch.randn(4, 1, 16, 16) for _ in range(2)] + [torch.randn(4, 1, 8, 8) for _ in range(2)]
@@ -344,6 +344,6 @@ def test_per_model_term_weights_follow_the_equation(tmp_path):
     expected2 = term["model2/sm"] + 0.8 * (0.25 * term["model2/cm"] + term["model2/ct"])
     assert losses.totals[0].item() == pytest.approx(expected1, rel=1e-6)
     assert losses.totals[1].item() == pytest.approx(expected2, rel=1e-6)
-    assert losses.centre_rows[Centres.row(1, "st")] == 0 and losses.centre_rows[Centres.row(0, "st")] > 0
+    assert losses.centre_rows[centres.row(1, "st")] == 0 and losses.centre_rows[centres.row(0, "st")] > 0
     with pytest.raises(ConfigError, match="model1.term_weights.xy: no such loss term"):
         tiny_config(tmp_path, extra=["model1.term_weights.xy=1"])

@@ -12,7 +12,7 @@ from torch.distributed.fsdp import FSDPModule
 from helpers import TINY_RESNET, TINY_VIT, tiny_config
 from mokd.engine.distributed import World
 from mokd.engine.strategies.fsdp import FSDPStrategy
-from mokd.method.pair import build_pair
+from mokd.method.models import build_models
 
 TINY_RESNET50 = ["backbone=resnet50", "small_image=true", "width=8"]
 
@@ -36,7 +36,7 @@ def unit_names(network: torch.nn.Module) -> list[str]:
     (TINY_RESNET50, TINY_RESNET, (RESNET50_UNITS, RESNET18_UNITS)),
 ], ids=["resnet18_vit", "resnet50_resnet18"])
 def test_sharding_units_are_the_backbone_blocks_and_the_mlp_head(tmp_path, model1, model2, expected):
-    students, teachers = build_pair(tiny_config(tmp_path, model1, model2), in_chans=1)
+    students, teachers = build_models(tiny_config(tmp_path, model1, model2), in_chans=1)
     for student, teacher, names in zip(students, teachers, expected):
         assert student.thead is not None  # present, and not a unit of its own
         assert unit_names(student) == names
@@ -47,7 +47,7 @@ def test_sharding_units_are_what_fsdp2_wraps(tmp_path):
     """One gloo process (a legal FSDP2 world): the fsdp strategy's wrap makes exactly the declared units, plus the
     root, FSDP2 modules, in the students and the teachers alike."""
     config = tiny_config(tmp_path, extra=["parallel.strategy=fsdp"])
-    students, teachers = build_pair(config, in_chans=1)
+    students, teachers = build_models(config, in_chans=1)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         FSDPStrategy(config, World(0, 1, 0, torch.device("cpu")), None).wrap(students, teachers)

@@ -15,7 +15,7 @@ from mokd.engine.throughput import PHASES, PhaseTimer, mode_settings
 from mokd.engine.trainer import Trainer
 from mokd.kernels import ema_, ema_per_tensor_
 from mokd.launch.cli import main
-from mokd.method.pair import build_pair
+from mokd.method.models import build_models
 
 # The demo preset shrunk to a step of a few hundred milliseconds (fp16 autocast on CPU is slow).
 TINY_DEMO = ["model1.width=8", "model2.width=4", "head.out_dim=64", "head.mlp_hidden_dim=32",
@@ -92,7 +92,7 @@ def test_per_tensor_ema_loop_equals_ema_():
 def test_per_crop_and_grouped_forward_agree_without_batchnorm(tmp_path):
     """ViTs have no batch statistics, so one pass per crop and one per resolution give the same outputs."""
     config = tiny_config(tmp_path, model1=TINY_VIT, model2=TINY_VIT)
-    students, _ = build_pair(config, 1)
+    students, _ = build_models(config, 1)
     network = students[0].eval()
     crops = crops_for(config)
     calls = []
@@ -143,7 +143,7 @@ def test_switches_change_what_runs(tmp_path):
 
 def test_compile_switch_compiles_in_place(tmp_path):
     config = tiny_config(tmp_path, extra=["perf.compile=true"])
-    students, _ = build_pair(config, 1)
+    students, _ = build_models(config, 1)
     network = apply_perf(students[0], config.perf)
     names = [name for name, _ in network.named_parameters()]
     assert network.backbone._compiled_call_impl is not None and network.mlp_head._compiled_call_impl is not None

@@ -11,7 +11,7 @@ import torch
 from helpers import TINY_RESNET, TINY_VIT, linear_then_constant, tiny_config, warmup_cosine
 from mokd.engine.checkpoint import CheckpointError
 from mokd.engine.trainer import Trainer, build_train_data
-from mokd.method.pair import build_network, make_teacher
+from mokd.method.models import build_network, make_teacher
 from test_method_losses import reference_dino
 
 

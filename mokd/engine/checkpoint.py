@@ -4,7 +4,7 @@ are kept; resume takes the newest one that verifies, falling back to older ones.
 Layout of RUN/checkpoints/step_00001234/ (written by all ranks into step_00001234.tmp/, then renamed by rank 0):
     meta.pt          step, data position, centres, world size, strategy, the resolved config (rank 0)
     rng/rank_N.pt    each rank's RNG states
-    teachers.pt      both teachers' full weights (rank 0): what evaluation and export read
+    teachers.pt      every teacher's full weights (rank 0): what evaluation and export read
     dcp/             students, teachers, optimisers, scalers: torch.distributed.checkpoint (single/ddp/fsdp),
                      reshardable to another world size
     deepspeed/       or each student engine's own DeepSpeed checkpoint (deepspeed)

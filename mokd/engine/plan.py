@@ -1,7 +1,7 @@
 """Memory per rank for a preset, strategy and world size, before renting the nodes (`mokd plan`).
 
 Parameter counts come from the real networks (built on the meta device: no memory, no time). Activation
-memory is measured, not guessed: training forwards of both students at 2 and 4 images over the preset's crop
+memory is measured, not guessed: training forwards of every student at 2 and 4 images over the preset's crop
 set, summing the bytes of every tensor autograd saves for the backward (under the run's autocast dtype), give
 a fixed part and a part per image, scaled to the per-device batch. Teacher forwards save nothing (no grad). The model state per rank, with P a student's
 parameters (Pt of them trainable), W the world size, s the optimiser's state per parameter (AdamW 8 bytes,
@@ -26,7 +26,7 @@ from torch import nn
 
 from mokd.engine.runtime import autocast, autocast_dtype
 from mokd.method.network import Network
-from mokd.method.pair import build_network
+from mokd.method.models import build_network
 
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 4, "lars": 4}
 GIB = 2**30
@@ -52,7 +52,7 @@ def _counts(network: Network, optimizer: str) -> ModelCounts:
 
 def model_counts(config, in_chans: int) -> list[ModelCounts]:
     counts = []
-    for which, model in enumerate((config.model1, config.model2)):
+    for which, model in enumerate(config.models):
         with torch.device("meta"):
             network = build_network(config, which, in_chans, student=True)
         counts.append(_counts(network, model.optim.name))
@@ -60,7 +60,7 @@ def model_counts(config, in_chans: int) -> list[ModelCounts]:
 
 
 def saved_activation_bytes(config, in_chans: int, device_type: str, images: int) -> int:
-    """Bytes autograd saves for the backward of both students' forward over `images` images of the crop set
+    """Bytes autograd saves for the backward of every student's forward over `images` images of the crop set
     (measured on the CPU under the autocast dtype the run would use on `device_type`)."""
     data = config.data
     crops = ([torch.randn(images, in_chans, data.global_crop_size, data.global_crop_size) for _ in range(2)]
@@ -77,7 +77,7 @@ def saved_activation_bytes(config, in_chans: int, device_type: str, images: int)
 
     dtype = autocast_dtype(config.train.precision, torch.device(device_type))
     total = 0
-    for which in (0, 1):
+    for which in range(len(config.models)):
         network = build_network(config, which, in_chans, student=True)
         saved.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

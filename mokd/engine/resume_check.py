@@ -15,19 +15,19 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mokd.config import MOKDConfig, to_yaml
+from mokd.config import MODEL_SECTION, MOKDConfig, to_yaml
 from mokd.errors import ConfigError
 
 SHAPE_KEYS = (
-    "model?.backbone", "model?.small_image", "model?.width", "model?.depth", "model?.num_heads",
-    "model?.trainable_last_layer_norm", "model?.optim.name", "head.out_dim", "head.mlp_hidden_dim",
+    "model*.backbone", "model*.small_image", "model*.width", "model*.depth", "model*.num_heads",
+    "model*.trainable_last_layer_norm", "model*.optim.name", "head.out_dim", "head.mlp_hidden_dim",
     "head.mlp_bottleneck_dim", "head.thead_*", "loss.self_thead", "loss.cross_search", "data.source",
     "data.synthetic_channels", "data.shard_channels",
 )
 SCHEDULE_KEYS = (
-    "train.epochs", "train.seed", "model?.optim.base_lr", "model?.optim.min_lr", "model?.optim.warmup_epochs",
-    "model?.optim.weight_decay", "model?.optim.weight_decay_end", "model?.optim.momentum",
-    "model?.optim.freeze_last_layer_epochs", "model?.temperature.*", "loss.teacher_momentum",
+    "train.epochs", "train.seed", "model*.optim.base_lr", "model*.optim.min_lr", "model*.optim.warmup_epochs",
+    "model*.optim.weight_decay", "model*.optim.weight_decay_end", "model*.optim.momentum",
+    "model*.optim.freeze_last_layer_epochs", "model*.temperature.*", "loss.teacher_momentum",
     "loss.centre_momentum", "data.train_samples", "data.validation_samples", "data.synthetic_size", "data.shards",
 )
 GLOBAL_BATCH = "train.batch_size"
@@ -46,10 +46,20 @@ def _values(yaml_text: str) -> dict[str, Any]:
     return _flatten(OmegaConf.to_container(OmegaConf.create(yaml_text)))
 
 
+def _model_sections(values: dict[str, Any]) -> list[str]:
+    return sorted({key.split(".")[0] for key in values if MODEL_SECTION.fullmatch(key.split(".")[0])},
+                  key=lambda name: int(name[len("model"):]))
+
+
 def check_resume(saved_yaml: str, saved_world_size: int, config: MOKDConfig, world_size: int,
                  checkpoint: str) -> None:
     """Raise ConfigError naming every key whose change the resume of `checkpoint` cannot honour."""
     saved, requested = _values(saved_yaml), _values(to_yaml(config))
+    saved_models, requested_models = _model_sections(saved), _model_sections(requested)
+    if saved_models != requested_models:
+        raise ConfigError(f"cannot resume {checkpoint}: it holds {len(saved_models)} models "
+                          f"({', '.join(saved_models)}) and the configuration asks for {len(requested_models)} "
+                          f"({', '.join(requested_models)}); the run directory is unchanged (train in a new run_dir)")
     changed = {key: (saved[key], requested[key]) for key in requested
                if key in saved and saved[key] != requested[key]}
     shape = [key for key in changed if any(fnmatch(key, pattern) for pattern in SHAPE_KEYS)]

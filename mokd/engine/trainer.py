@@ -1,7 +1,7 @@
 """The trainer: the story of a MOKD step, from crops to teachers and centres, on any strategy.
 
-    crops -> students and teachers (no grad) forward -> six DINO terms + search -> start the centre all-reduce
-    -> L_1 + L_2 backward -> per model: clip, freeze last layers (first epoch), optimiser step
+    crops -> students and teachers (no grad) forward -> the DINO terms + searches -> start the centre all-reduce
+    -> one backward of L_1 + ... + L_N -> per model: clip, freeze last layers (first epoch), optimiser step
     -> shard-local EMA of the teachers -> move the centres with the global batch's statistics
 
 How the students are wrapped, synchronised and checkpointed is the strategy's business (engine/strategies).
@@ -37,7 +37,7 @@ from mokd.errors import DataError, MokdError, NonFiniteError, user_message
 from mokd.method.mokd import Centres, MOKDObjective, StepLosses, Temperatures, untimed
 from mokd.method.monitors import feature_statistics
 from mokd.method.network import Network
-from mokd.method.pair import build_network, build_pair, thead_follows_other
+from mokd.method.models import build_models, build_network, thead_schedule_source
 from mokd.method.schedules import ModelSchedules
 from mokd.signals import StopRequest
 
@@ -90,30 +90,29 @@ class Trainer:
         self.total_steps = config.train.epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, config.train.max_steps or self.total_steps)
 
-        students, teachers = build_pair(config, self.dataset.channels)
-        self.centres = Centres(config.head.out_dim).to(self.device)
-        model_configs = (config.model1, config.model2)
-        self.objective = MOKDObjective(config.loss, tuple(model.cross_weight for model in model_configs),
-                                       tuple(model.koleo_weight for model in model_configs),
-                                       tuple(dict(model.term_weights) for model in model_configs))
+        students, teachers = build_models(config, self.dataset.channels)
+        model_configs = config.models
+        self.centres = Centres(config.head.out_dim, len(model_configs)).to(self.device)
+        self.objective = MOKDObjective.for_config(config)
         if self.world.distributed:
             self.objective.reduce_sum = all_reduce_sum
         self.strategy = build_strategy(config, self.world, self.amp_dtype)
-        thead_other = [thead_follows_other(config, i) for i in range(len(model_configs))]
+        thead_sources = [thead_schedule_source(config, i) for i in range(len(model_configs))]
         self.strategy.setup(tuple(apply_perf(s.to(self.device), config.perf) for s in students),
                             tuple(apply_perf(t.to(self.device), config.perf) for t in teachers),
                             lambda network, i: build_optimizer(network, model_configs[i].optim, config.perf.optimizer,
-                                                               thead_schedule=thead_other[i]))
+                                                               thead_schedule=thead_sources[i] is not None))
         global_batch = config.train.batch_size * self.world.world_size
         self.schedules = [ModelSchedules(model, config.loss, self.total_steps, self.steps_per_epoch, global_batch,
-                                         thead_optim=model_configs[1 - i].optim if thead_other[i] else None)
+                                         thead_optim=None if thead_sources[i] is None
+                                         else model_configs[thead_sources[i]].optim)
                           for i, model in enumerate(model_configs)]
 
         self.phase = untimed  # the step's phase hook; a profiler installs a timer with set_phase_hook
         self.guard = StepGuard(config.train.max_skipped_steps, report=self.world.is_main)
         self.stop = StopRequest()
         self.stop_agreed: Optional[str] = None  # the stop signal every rank has seen, at a step boundary
-        self.scaler_skipped = [False, False]
+        self.scaler_skipped = [False] * len(model_configs)
 
         self.step = 0
         self.collapse_watch = CollapseWatch(config.head.out_dim, config.train.warn_feature_cosine_gap,
@@ -178,8 +177,8 @@ class Trainer:
         self.phase = phase
         self.objective.phase = phase
 
-    def temperatures(self, step: int) -> tuple[Temperatures, Temperatures]:
-        return tuple(Temperatures(s.student_temperature, float(s.teacher_temperature_self[step]),
+    def temperatures(self, step: int) -> list[Temperatures]:
+        return list(Temperatures(s.student_temperature, float(s.teacher_temperature_self[step]),
                                   float(s.teacher_temperature_cross[step])) for s in self.schedules)
 
     def train_step(self, crops) -> tuple[StepLosses, list[torch.Tensor]]:
@@ -191,17 +190,17 @@ class Trainer:
 
         with autocast(self.device, self.amp_dtype), collective("forward (batch-norm statistics, parameter gathers)"):
             losses = self.objective(strategy.students, strategy.teachers, self.centres, crops, self.temperatures(step))
-        with phase("centres"):  # one flat all-reduce of the six centres' statistics; in flight during backward
+        with phase("centres"):  # one flat all-reduce of the centres' statistics; in flight during backward
             centre_sync = CentreSync(losses.centre_sums, losses.centre_rows, self.config.perf.overlap_centre_reduce)
         with phase("backward"), collective("backward (gradient reduction)"):
             strategy.backward(losses.totals)
         with phase("optimizer"):
             grad_norms = []
-            for i, (schedule, model) in enumerate(zip(self.schedules, (self.config.model1, self.config.model2))):
+            for i, (schedule, model) in enumerate(zip(self.schedules, self.config.models)):
                 strategy.set_schedule(i, schedule.group_values(step), frozen[i])
                 grad_norms.append(strategy.prepare_gradients(i, model.optim.clip_grad, frozen[i]))
             skip = self.judge_step(losses, grad_norms)
-            for i in (0, 1):
+            for i in range(len(self.schedules)):
                 after_step, self.scaler_skipped[i] = strategy.apply_gradients(i, skip)
                 grad_norms[i] = after_step if grad_norms[i] is None else grad_norms[i]
 
@@ -437,8 +436,8 @@ class Trainer:
             seed_rng_for_rank(self.config.train.seed, meta["step"], self.world.rank)
         self.step = meta["step"]
 
-    def teacher_networks(self) -> tuple[Network, Network] | None:
-        """Both teachers as plain, whole networks on this rank's device (rank 0; None elsewhere): what the
+    def teacher_networks(self) -> tuple[Network, ...] | None:
+        """Every teacher as plain, whole networks on this rank's device (rank 0; None elsewhere): what the
         end-of-training evaluation scores. Collective (sharded teachers are gathered)."""
         states = self.strategy.teacher_state_dicts()
         if not self.world.is_main:

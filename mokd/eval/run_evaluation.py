@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
-from mokd.config import MOKDConfig, load_config
+from mokd.config import MODEL_SECTION, MOKDConfig, load_config
 from mokd.data import EvalTransform, build_eval_loader, data_statistics, dataset_for, limit_size, num_classes
 from mokd.engine.checkpoint import CheckpointManager, load_teachers_file
 from mokd.engine.runtime import resolve_device
@@ -28,7 +28,7 @@ from mokd.eval.linear import EvalFeatures, extract_eval_features, probe_top1, tr
 from mokd.eval.plots import attention_distance_figure, consistency_figure, embedding_figure, save_figure
 from mokd.eval.results_file import merge_results
 from mokd.method.network import Network
-from mokd.method.pair import build_pair
+from mokd.method.models import build_models
 
 
 def eval_dataset(config: MOKDConfig, split: str):
@@ -92,22 +92,22 @@ def knn_scores(config: MOKDConfig, teachers: Sequence[Network], device: torch.de
     return [knn_top1_of(config, model_features, classes) for model_features in features]
 
 
-def untrained_networks(config: MOKDConfig, in_chans: int, device: torch.device) -> tuple[Network, Network]:
+def untrained_networks(config: MOKDConfig, in_chans: int, device: torch.device) -> tuple[Network, ...]:
     """The networks as they were at step 0 (initialisation depends only on the seed)."""
-    _, teachers = build_pair(config, in_chans)
+    _, teachers = build_models(config, in_chans)
     return tuple(teacher.to(device) for teacher in teachers)
 
 
 def evaluate_run(config: MOKDConfig, teachers: Sequence[Network], device: torch.device, steps: int,
                  features: Optional[list[ModelFeatures]] = None, linear: Optional[bool] = None) -> dict:
-    """k-NN (and the linear probe when `linear`, default eval.linear_at_end) of both trained teachers, and k-NN
+    """k-NN (and the linear probe when `linear`, default eval.linear_at_end) of every trained teacher, and k-NN
     of the untrained networks if asked, written to RUN/results.json. `features`: already extracted ones."""
     linear = config.eval.linear_at_end if linear is None else linear
     classes = None
     if features is None:
         features, classes = extract_run_features(config, teachers, device)
     classes = classes or num_classes(eval_dataset(config, "train"))
-    untrained: list[Optional[float]] = [None, None]
+    untrained: list[Optional[float]] = [None] * len(config.models)
     if config.eval.knn_untrained:
         untrained = knn_scores(config, untrained_networks(config, teachers[0].backbone.in_chans, device), device)
     results = {"run_dir": str(Path(config.run_dir).resolve()), "steps": steps, "dataset": config.data.source,
@@ -115,7 +115,7 @@ def evaluate_run(config: MOKDConfig, teachers: Sequence[Network], device: torch.
                "knn": {"k": config.eval.knn_k, "temperature": config.eval.knn_temperature}}
     if linear:
         results["linear"] = linear_settings(config)
-    for which, model in enumerate((config.model1, config.model2)):
+    for which, model in enumerate(config.models):
         row = {"backbone": model.backbone, "knn_top1": knn_top1_of(config, features[which], classes),
                "knn_top1_untrained": untrained[which]}
         if linear:
@@ -133,10 +133,10 @@ def linear_settings(config: MOKDConfig) -> dict:
 
 
 def evaluate_linear(config: MOKDConfig, teachers: Sequence[Network], device: torch.device, steps: int) -> dict:
-    """Linear probe of both teachers, merged into RUN/results.json."""
+    """Linear probe of every teacher, merged into RUN/results.json."""
     features, classes = extract_run_features(config, teachers, device)
     updates: dict = {"steps": steps, "dataset": config.data.source, "linear": linear_settings(config)}
-    for which, model in enumerate((config.model1, config.model2)):
+    for which, model in enumerate(config.models):
         updates[f"model{which + 1}"] = {"backbone": model.backbone,
                                         "linear_top1": linear_top1_of(config, features[which], classes)}
     return merge_results(Path(config.run_dir), updates)
@@ -161,7 +161,7 @@ def evaluate_finetune(config: MOKDConfig, teachers: Sequence[Network], device: t
                                                 "epochs": config.eval.finetune_epochs,
                                                 "batch_size": batch_size, "base_lr": config.eval.finetune_lr,
                                                 "subset_seed": config.eval.subset_seed}}
-    for which, (model, teacher) in enumerate(zip((config.model1, config.model2), teachers)):
+    for which, (model, teacher) in enumerate(zip(config.models, teachers)):
         tuned = finetune(teacher.backbone, train_loader, classes, device, config.eval.finetune_epochs,
                          config.eval.finetune_lr, config.train.seed)
         updates[f"model{which + 1}"] = {"backbone": model.backbone, key: classifier_top1(tuned, test_loader, device)}
@@ -170,7 +170,7 @@ def evaluate_finetune(config: MOKDConfig, teachers: Sequence[Network], device: t
 
 def model_label(config: MOKDConfig, which: int) -> str:
     """"model1: resnet18 (width 16)" and the like, for figure titles."""
-    model = (config.model1, config.model2)[which]
+    model = config.models[which]
     width = "" if model.width is None else f" (width {model.width})"
     return f"model{which + 1}: {model.backbone}{width}"
 
@@ -189,8 +189,9 @@ def _analysis_images(loader: DataLoader, count: int) -> torch.Tensor:
 def analyse_run(config: MOKDConfig, teachers: Sequence[Network], device: torch.device, steps: int,
                 features: Optional[list[ModelFeatures]] = None,
                 reference: Optional[tuple[MOKDConfig, Sequence[Network]]] = None) -> dict:
-    """Prediction consistency, mean attention distance and t-SNE plots of both teachers, as PNGs in RUN/analysis/
-    and images in RUN/tensorboard; the numbers go to RUN/results.json under "analysis".
+    """Prediction consistency (of every pair of models), mean attention distance and t-SNE plots of every teacher,
+    as PNGs in RUN/analysis/ and images in RUN/tensorboard; the numbers go to RUN/results.json under "analysis"
+    (with "prediction_consistency_matrix": the percentage agreement of model i and model j, row i column j).
 
     `reference`: (config, teachers) of another run on the same data (e.g. two independently trained models of
     similar accuracy), whose k-NN predictions are compared with this run's as in the paper's Table 9.
@@ -199,9 +200,12 @@ def analyse_run(config: MOKDConfig, teachers: Sequence[Network], device: torch.d
     _, test_loader, classes = eval_loaders(config)
     if features is None:
         features, classes = extract_run_features(config, teachers, device)
-    labels = [model_label(config, which) for which in range(2)]
+    n_models = len(config.models)
+    labels = [model_label(config, which) for which in range(n_models)]
     predictions = [knn_predictions(config, model_features, classes) for model_features in features]
-    pairs = [(f"{labels[0]}\nvs {labels[1]}", prediction_consistency(*predictions))]
+    matrix = [[100.0 if i == j else prediction_consistency(predictions[i], predictions[j]) for j in range(n_models)]
+              for i in range(n_models)]
+    pairs = [(f"{labels[i]}\nvs {labels[j]}", matrix[i][j]) for i in range(n_models) for j in range(i + 1, n_models)]
     if reference is not None:
         reference_config, reference_teachers = reference
         if reference_config.data.source != config.data.source:
@@ -210,10 +214,14 @@ def analyse_run(config: MOKDConfig, teachers: Sequence[Network], device: torch.d
         reference_features, _ = extract_run_features(config, reference_teachers, device)
         reference_predictions = [knn_predictions(config, model_features, classes)
                                  for model_features in reference_features]
-        reference_labels = [f"reference {model_label(reference_config, which)}" for which in range(2)]
-        pairs.append((f"{reference_labels[0]}\nvs {reference_labels[1]}",
-                      prediction_consistency(*reference_predictions)))
-        for which in range(2):
+        if len(reference_config.models) != n_models:
+            raise DataError(f"reference run {reference_config.run_dir} has {len(reference_config.models)} models, "
+                            f"this run {n_models}: prediction consistency compares them model for model")
+        reference_labels = [f"reference {model_label(reference_config, which)}" for which in range(n_models)]
+        pairs += [(f"{reference_labels[i]}\nvs {reference_labels[j]}",
+                   prediction_consistency(reference_predictions[i], reference_predictions[j]))
+                  for i in range(n_models) for j in range(i + 1, n_models)]
+        for which in range(n_models):
             pairs.append((f"{labels[which]}\nvs {reference_labels[which]}",
                           prediction_consistency(predictions[which], reference_predictions[which])))
 
@@ -235,7 +243,7 @@ def analyse_run(config: MOKDConfig, teachers: Sequence[Network], device: torch.d
             save_figure(consistency_figure(pairs, config.data.source), out / "prediction_consistency.png",
                         writer, "analysis/prediction_consistency", steps),
             save_figure(attention_distance_figure([(labels[which], teachers[which].backbone.is_vit,
-                                                    distances[which]) for which in range(2)]),
+                                                    distances[which]) for which in range(n_models)]),
                         out / "attention_distance.png", writer, "analysis/attention_distance", steps),
             save_figure(embedding_figure(list(zip(labels, embeddings)), test_labels[chosen].numpy(), class_names),
                         out / "feature_tsne.png", writer, "analysis/feature_tsne", steps),
@@ -244,8 +252,9 @@ def analyse_run(config: MOKDConfig, teachers: Sequence[Network], device: torch.d
         writer.close()
     analysis = {"steps": steps, "prediction_consistency": {label.replace("\n", " "): value
                                                            for label, value in pairs},
+                "prediction_consistency_matrix": matrix,
                 "attention_distance_px": {labels[which]: distances[which].mean(dim=1).tolist()
-                                          for which in range(2)},
+                                          for which in range(n_models)},
                 "figures": [str(path) for path in files]}
     merge_results(run_dir, {"analysis": analysis})
     return analysis
@@ -262,9 +271,10 @@ def format_analysis(analysis: dict) -> str:
 
 
 def format_table(results: dict) -> str:
-    """Both models' scores as a text table: k-NN (untrained, trained, gain), then whichever of the linear
+    """Every model's scores as a text table: k-NN (untrained, trained, gain), then whichever of the linear
     probe and the fine-tuning results the run has."""
-    extra = sorted({key for which in ("model1", "model2") for key in results.get(which, {})
+    models = sorted((key for key in results if MODEL_SECTION.fullmatch(key)), key=lambda key: int(key[len("model"):]))
+    extra = sorted({key for which in models for key in results[which]
                     if key == "linear_top1" or key.startswith("finetune_")})
     lines = []
     if "knn" in results:
@@ -274,7 +284,7 @@ def format_table(results: dict) -> str:
         lines.append(f"further columns: {', '.join(key.replace('_top1', '') for key in extra)} top-1 (percent)")
     header = f"{'model':<8} {'backbone':<24} {'untrained':>10} {'k-NN':>10} {'gain':>8}"
     lines.append(header + "".join(f" {key.replace('_top1', ''):>14}" for key in extra))
-    for which in ("model1", "model2"):
+    for which in models:
         row = results[which]
         knn, untrained = row.get("knn_top1"), row.get("knn_top1_untrained")
         gain = "" if untrained is None or knn is None else f"{knn - untrained:+.2f}"
@@ -289,7 +299,7 @@ def format_table(results: dict) -> str:
 
 
 def load_run(run_dir: Path, overrides: Optional[list[str]] = None,
-             checkpoint: Optional[str] = None) -> tuple[MOKDConfig, tuple[Network, Network], int]:
+             checkpoint: Optional[str] = None) -> tuple[MOKDConfig, tuple[Network, ...], int]:
     """A run's resolved config and the teachers of its newest checkpoint that verifies (older ones after a
     warning, as a resume does) or of `checkpoint` ("step_N"), on CPU."""
     config_file = Path(run_dir) / "config.yaml"
@@ -305,7 +315,7 @@ def load_run(run_dir: Path, overrides: Optional[list[str]] = None,
     if manager.resume(load, fallback=True, is_main=True, choice=checkpoint) is None:
         raise FileNotFoundError(f"no complete checkpoint under {Path(run_dir) / 'checkpoints'}")
     train_set = eval_dataset(config, "train")
-    _, teachers = build_pair(config, train_set.channels)
+    _, teachers = build_models(config, train_set.channels)
     for teacher, teacher_state in zip(teachers, read["teachers"]):
         teacher.load_state_dict(teacher_state)
     return config, teachers, read["meta"]["step"]

@@ -225,6 +225,7 @@ def _fused_terms_kernel(
 
 
 _BLOCK_K = 1024
+TARGETS_PER_PASS = 2  # the kernel's term slots: the two terms a pair of models has per student tensor
 
 
 def _block_k(k: int) -> int:
@@ -296,8 +297,8 @@ def fused_terms(student_logits: torch.Tensor, student_temperature: float, target
     """Every DINO term reading ``student_logits`` [rows, K] (see the module doc), in one pass on ``triton``.
 
     ``impl``: ``"auto"`` (Triton on CUDA tensors, else one ``dino_cross_entropy(impl="auto")`` per term),
-    ``"triton"`` (at most two targets, as MOKD has per student tensor), or any ``dino_cross_entropy`` impl, used
-    per term. Raises ValueError as ``dino_cross_entropy`` does, and for more than two targets on ``triton``.
+    ``"triton"`` (two targets per pass, as a pair of models has per student tensor; more take one pass per two), or
+    any ``dino_cross_entropy`` impl, used per term. Raises ValueError as ``dino_cross_entropy`` does.
     """
     if impl not in IMPLS:
         raise ValueError(f"fused_terms: impl must be one of {IMPLS}, got {impl!r}")
@@ -317,8 +318,11 @@ def fused_terms(student_logits: torch.Tensor, student_temperature: float, target
     if not _triton_usable(student_logits):
         raise ValueError("fused_terms: impl='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1 set "
                          f"before import); got {student_logits.device} tensors")
-    if len(targets) > 2:
-        raise ValueError(f"fused_terms: impl='triton' takes at most two targets per student tensor, got {len(targets)}")
+    if len(targets) > TARGETS_PER_PASS:  # more than two models: L_sm and an L_cm per other teacher read h_i
+        parts = [fused_terms(student_logits, student_temperature, targets[start:start + TARGETS_PER_PASS], impl)
+                 for start in range(0, len(targets), TARGETS_PER_PASS)]
+        return FusedTermsOutput(sum(part.total for part in parts), *(torch.cat(columns) for columns in
+                                                                     list(zip(*parts))[1:]))
     total, losses, column_sums, entropies = _TritonFusedTerms.apply(
         student_logits, [float(t.weight) for t in targets], float(student_temperature), targets, terms)
     return FusedTermsOutput(total, losses, column_sums, entropies)

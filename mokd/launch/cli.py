@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from mokd.config import describe_options, list_presets, load_config, preset_text, reference_markdown, to_yaml
-from mokd.errors import MokdError, user_message
+from mokd.errors import ConfigError, MokdError, user_message
 
 DEFAULT_PRESET = "demo"
 # The commands that read a configuration (from presets and overrides, or a run directory's config.yaml).
@@ -108,12 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export", formatter_class=_formatter, help="write a teacher backbone as a timm or detectron2 checkpoint",
-        description="Write teacher backbone 1 or 2 of a run's newest checkpoint that verifies: --format timm, a "
+        description="Write teacher backbone K (1 ... N) of a run's newest checkpoint that verifies: --format timm, a "
                     "plain state dict loading with strict=True into timm.create_model(name, num_classes=0, ...) (the "
                     "small-image ResNet needs its stock conv1/maxpool replaced as in mokd/eval/export.py); "
                     "--format detectron2, a pickled detectron2 ResNet checkpoint.")
     export.add_argument("--run", required=True, type=Path, help="run directory")
-    export.add_argument("--model", required=True, type=int, choices=(1, 2), help="which model of the pair")
+    export.add_argument("--model", required=True, type=int, help="which model of the run: K of modelK (1 ... N)")
     export.add_argument("--format", required=True, choices=("timm", "detectron2"), help="checkpoint format")
     export.add_argument("--out", required=True, type=Path, help="output file")
     add_checkpoint_argument(export)
@@ -252,7 +252,9 @@ def export_command(run_dir: Path, model: int, fmt: str, out: Path, checkpoint: O
     from mokd.eval.run_evaluation import load_run
 
     config, teachers, step = load_run(run_dir, checkpoint=checkpoint)
-    model_config = (config.model1, config.model2)[model - 1]
+    if not 1 <= model <= len(config.models):
+        raise ConfigError(f"--model {model}: {run_dir} has models 1 ... {len(config.models)}")
+    model_config = config.models[model - 1]
     path = export_backbone(teachers[model - 1].backbone.net, model_config, out, fmt)
     print(f"model{model} ({model_config.backbone}) teacher backbone after {step} steps -> {path} ({fmt})")
     return 0

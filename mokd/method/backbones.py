@@ -31,12 +31,12 @@ class BackboneOutput(NamedTuple):
 @component_check
 def check_backbones(config: MOKDConfig) -> None:
     """Refuse a backbone the engine cannot build, naming its model section."""
-    for name in ("model1", "model2"):
-        check_backbone(name, getattr(config, name))
+    for number, model in enumerate(config.models, start=1):
+        check_backbone(f"model{number}", model)
 
 
 def check_backbone(name: str, model_config) -> None:
-    """Refuse a backbone the engine cannot build; `name` is the config section (model1/model2)."""
+    """Refuse a backbone the engine cannot build; `name` is the config section (model1 ... modelN)."""
     if model_config.backbone not in RESNETS + VITS:
         raise ConfigError(f"{name}.backbone={model_config.backbone!r} is not supported; "
                           f"choose one of {', '.join(RESNETS + VITS)}")

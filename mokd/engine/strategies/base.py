@@ -6,7 +6,7 @@ how both are written to and read from a checkpoint directory. The trainer sees o
 
     setup(students, teachers, make_optimizer)      wrap; afterwards .students / .teachers are the callables
     set_schedule(i, values, freeze_last_layer)     lr and wd per parameter-group schedule, before the step
-    backward(totals)                               one backward of L_1 + L_2
+    backward(totals)                               one backward of L_1 + ... + L_N
     prepare_gradients(i, clip, freeze_last_layer)  -> gradient norm of student i (unscaled, clipped)
     apply_gradients(i, skip)                       optimiser step, or none (a non-finite step); gradients cleared
     update_teachers(momenta)                       shard-local EMA, no collective
@@ -65,7 +65,7 @@ class Strategy:
     def __init__(self, config, world: World, amp_dtype: Optional[torch.dtype]) -> None:
         self.config, self.world, self.amp_dtype = config, world, amp_dtype
         fp16 = amp_dtype == torch.float16
-        self.scalers = [torch.amp.GradScaler(world.device.type, enabled=fp16) for _ in range(2)]
+        self.scalers = [torch.amp.GradScaler(world.device.type, enabled=fp16) for _ in config.models]
 
     # ---- wrapping ------------------------------------------------------------------------------
     def setup(self, students, teachers, make_optimizer: OptimizerFactory) -> None:
@@ -93,7 +93,7 @@ class Strategy:
         set_schedule(self.optimizers[index], values)
 
     def backward(self, totals: list[torch.Tensor]) -> None:
-        # L_1 depends only on student 1 and L_2 only on student 2: one backward trains both.
+        # L_i depends only on student i: one backward trains every student.
         sum(scaler.scale(total) for scaler, total in zip(self.scalers, totals)).backward()
 
     def prepare_gradients(self, index: int, clip_grad: float, freeze_last_layer: bool) -> Optional[torch.Tensor]:
@@ -193,7 +193,7 @@ class Strategy:
 
     # ---- accounting ----------------------------------------------------------------------------
     def memory_report(self) -> dict[str, int]:
-        """Bytes this rank holds for both students' parameters, their optimiser states and both teachers
+        """Bytes this rank holds for the students' parameters, their optimiser states and the teachers
         (gradients are transient: counted by the plan command, not here)."""
         optimizer_state = [value for optimizer in self.optimizers for state in optimizer.state.values()
                            for value in state.values() if isinstance(value, torch.Tensor) and value.dim() > 0]

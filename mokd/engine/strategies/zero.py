@@ -57,7 +57,7 @@ class DeepSpeedStrategy(Strategy):
         for network in (*students, *teachers):
             convert_batchnorm(network, dist.get_backend())
         self.networks, self.teacher_networks = tuple(students), tuple(teachers)
-        model_configs = (self.config.model1, self.config.model2)
+        model_configs = self.config.models
         self.engines = []
         for i, student in enumerate(students):
             engine, _, _, _ = deepspeed.initialize(model=student, optimizer=make_optimizer(student, i),
