@@ -3,7 +3,7 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT_DIR key=value ...
 
 Trains the tiny test pair with the given overrides (run_dir, parallel.strategy, ...), then writes on rank 0:
-  OUT_DIR/teachers.pt   both teachers' full weights after training
+  OUT_DIR/teachers.pt   every teacher's full weights after training
   OUT_DIR/report.json   the collectives a teacher EMA update issued (must be none) and, as a positive control,
                         the ones the centre all-reduce issued; each rank's memory report; under fsdp, whether a
                         student's sharding units hold sharded parameters right after a forward
@@ -58,7 +58,7 @@ def main() -> None:
     trainer = Trainer(config, show_progress=False)
     trainer.train()
     teachers = trainer.strategy.teacher_state_dicts()
-    ema = collectives_issued(lambda: trainer.strategy.update_teachers([0.99, 0.99]))
+    ema = collectives_issued(lambda: trainer.strategy.update_teachers([0.99] * len(config.models)))
     centres = trainer.centres.values
     control = collectives_issued(lambda: CentreSync(centres, torch.ones(centres.shape[0]), async_op=False).wait())
     memory = [None] * trainer.world.world_size

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny_config
+from helpers import TINY_RESNET, model_overrides, tiny_config
 from mokd.config import save_config
 from mokd.engine.plan import estimate
 from mokd.engine.trainer import Trainer
@@ -39,6 +39,14 @@ UNCLIPPED = ["model1.optim.clip_grad=0", "model2.optim.clip_grad=0",
 COMMON = [f"train.max_steps={STEPS}", "checkpoint.every_steps=1", "checkpoint.keep_last=5", "train.log_every=1",
           "head.mlp_batchnorm=true"]
 SINKHORN = ["loss.centring=sinkhorn_knopp"]
+# A third model (N = 3: the tiny ResNet, the tiny ViT and a narrower ResNet), with its own clipping switches.
+THREE = [*model_overrides("model3", [*TINY_RESNET[:-1], "width=4"]), "model3.optim.warmup_epochs=1"]
+THREE_CLIPPED = [*THREE, "model3.optim.clip_grad=0.05"]
+THREE_UNCLIPPED = [*THREE, "model3.optim.clip_grad=0", "model3.optim.freeze_last_layer_epochs=0"]
+# The one-process runs every strategy must reproduce, by name: their overrides on top of COMMON.
+REFERENCES = {"clipped": CLIPPED, "unclipped": UNCLIPPED, "clipped_sinkhorn": CLIPPED + SINKHORN,
+              "three_clipped": CLIPPED + THREE_CLIPPED, "three_unclipped": UNCLIPPED + THREE_UNCLIPPED,
+              "three_clipped_sinkhorn": CLIPPED + THREE_CLIPPED + SINKHORN}
 # Clipped, and the ViT on SGD with a learning rate large enough (from step 1) that the size of the clipped step
 # shows in the next losses (AdamW would divide the clipping factor out again; the tiny ResNet, at such a rate,
 # amplifies fp32 reduction-order noise past the tolerance within three steps).
@@ -79,9 +87,10 @@ def assert_same_teachers(mine: list[dict], reference: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
-    """One process, 8 images per step: the run every strategy must reproduce (with and without clipping)."""
+    """One process, 8 images per step: the runs every strategy must reproduce (with and without clipping; two
+    models and three)."""
     runs = {}
-    for name, extra in (("clipped", CLIPPED), ("unclipped", UNCLIPPED), ("clipped_sinkhorn", CLIPPED + SINKHORN)):
+    for name, extra in REFERENCES.items():
         run_dir = tmp_path_factory.mktemp(f"single_{name}")
         trainer = Trainer(tiny_config(run_dir, extra=COMMON + extra), show_progress=False)
         trainer.train()
@@ -121,21 +130,26 @@ def per_rank(extra: list[str]) -> list[str]:
     return ["train.batch_size=4", *COMMON, *extra]
 
 
+DDP, FSDP = ["parallel.strategy=ddp"], ["parallel.strategy=fsdp"]
+ZERO = {stage: ["parallel.strategy=deepspeed", f"parallel.zero_stage={stage}"] for stage in (1, 2, 3)}
+
+
 @pytest.mark.parametrize("strategy, extra, reference", [
-    ("ddp", ["parallel.strategy=ddp", *SINKHORN], "clipped_sinkhorn"),
-    ("fsdp", ["parallel.strategy=fsdp"], "clipped"),
-    ("zero1", ["parallel.strategy=deepspeed", "parallel.zero_stage=1"], "unclipped"),
-    ("zero2", ["parallel.strategy=deepspeed", "parallel.zero_stage=2"], "unclipped"),
-    ("zero3", ["parallel.strategy=deepspeed", "parallel.zero_stage=3"], "unclipped"),
+    ("ddp", DDP, "clipped_sinkhorn"), ("fsdp", FSDP, "clipped"), ("zero1", ZERO[1], "unclipped"),
+    ("zero2", ZERO[2], "unclipped"), ("zero3", ZERO[3], "unclipped"),
+    # N = 3 models
+    ("three_ddp", DDP, "three_clipped_sinkhorn"), ("three_fsdp", FSDP, "three_clipped"),
+    ("three_zero3", ZERO[3], "three_unclipped"),
 ])
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, references, strategy, extra,
                                                                     reference):
     reference_dir, reference_losses, reference_teachers = references[reference]
-    clip = CLIPPED if reference.startswith("clipped") else UNCLIPPED
+    clip = REFERENCES[reference]
     run_dir = tmp_path / "run"
     report = launch(tmp_path / "out", run_dir, per_rank(extra + clip))
+    assert len(reference_teachers) == (3 if strategy.startswith("three") else 2)
     assert report["world_size"] == 2 and report["step"] == STEPS
-    assert report["units_sharded_after_forward"] == (True if strategy == "fsdp" else None)  # reshard by default
+    assert report["units_sharded_after_forward"] == (True if strategy.endswith("fsdp") else None)  # reshard by default
     assert_same_losses(step_losses(run_dir), reference_losses, range(1, STEPS + 1))
     assert_same_teachers(torch.load(tmp_path / "out" / "teachers.pt"), reference_teachers)
     # The EMA of sharded teachers touches local shards only; the centre all-reduce shows the count works.

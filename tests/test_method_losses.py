@@ -126,9 +126,10 @@ def thead(head, tokens, grid, heads, query=None):
     return weight_norm_linear(x.mean(dim=1), head.last_layer)
 
 
-def reference_losses(config, students, teachers, centres, crops, pairing):
-    """Eq. (9) per model, each term from its equation, image by image for the feature search."""
-    batch, heads = crops[0].shape[0], config.head.thead_heads
+def reference_losses(config, students, teachers, centres, crops, pairing, temps=TEMPS):
+    """Eq. (9) per model, each term from its equation, image by image for the feature search; with N models,
+    model i's cross terms once per other model j, weighed lambda_i / (N - 1)."""
+    batch, heads, n_models = crops[0].shape[0], config.head.thead_heads, len(students)
     with torch.no_grad():
         teacher_crops = [crop_outputs(teacher, crops[:2]) for teacher in teachers]
     student_crops = [crop_outputs(student, crops) for student in students]
@@ -136,19 +137,8 @@ def reference_losses(config, students, teachers, centres, crops, pairing):
     def mlp_logits(network, outputs):  # the MLP-Head sees every crop at once (its BatchNorm: all of them)
         return mlp_head(network.mlp_head, torch.cat([pooled for pooled, _, _ in outputs])).split(batch)
 
-    totals, terms = [], {}
-    for i in (0, 1):
-        j, temps = 1 - i, TEMPS[i]
-        h_student = mlp_logits(students[i], student_crops[i])
-        g_student = [thead(students[i].thead, tokens, grid, heads) for _, tokens, grid in student_crops[i]]
-        with torch.no_grad():
-            h_own = mlp_logits(teachers[i], teacher_crops[i])
-            g_own = [thead(teachers[i].thead, tokens, grid, heads) for _, tokens, grid in teacher_crops[i]]
-            h_other = mlp_logits(teachers[j], teacher_crops[j])
-        terms["sm"] = reference_dino(h_student, h_own, centres.get(i, "sm"), temps.student, temps.teacher_self)
-        terms["st"] = reference_dino(g_student, g_own, centres.get(i, "st"), temps.student, temps.teacher_self)
-        terms["cm"] = reference_dino(h_student, h_other, centres.get(i, "cm"), temps.student, temps.teacher_cross)
-        # Eq. (6)-(7): query z_i (projected, detached) prepended to teacher j's tokens of the target view.
+    def search_term(i, j, g_student):
+        """Eq. (6)-(7): query z_i (projected, detached) prepended to teacher j's tokens of the target view."""
         searched = range(2, len(crops)) if pairing == "local_to_global" else range(2)
         ce, count = 0.0, 0
         for crop in searched:
@@ -159,15 +149,75 @@ def reference_losses(config, students, teachers, centres, crops, pairing):
                     query = project(students[i].thead, pooled_i)
                     _, tokens_j, grid_j = teacher_crops[j][target_view]
                     target = thead(teachers[j].thead, tokens_j[b:b + 1], grid_j, heads, query=query)
-                p = torch.softmax(target / temps.teacher_cross, dim=-1)
-                log_q = torch.log_softmax(g_student[crop][b:b + 1] / temps.student, dim=-1)
+                p = torch.softmax(target / temps[i].teacher_cross, dim=-1)
+                log_q = torch.log_softmax(g_student[crop][b:b + 1] / temps[i].student, dim=-1)
                 ce = ce + (-(p * log_q).sum())
                 count += 1
-        terms["ct"] = ce / count
-        weight = (config.model1, config.model2)[i].cross_weight
-        totals.append(terms["sm"] + terms["st"] + weight * (terms["cm"] + terms["ct"]))
-        terms.update({f"model{i + 1}/{name}": terms.pop(name) for name in ("sm", "st", "cm", "ct")})
+        return ce / count
+
+    totals, terms = [], {}
+    for i in range(n_models):
+        t = temps[i]
+        h_student = mlp_logits(students[i], student_crops[i])
+        g_student = [thead(students[i].thead, tokens, grid, heads) for _, tokens, grid in student_crops[i]]
+        with torch.no_grad():
+            h_own = mlp_logits(teachers[i], teacher_crops[i])
+            g_own = [thead(teachers[i].thead, tokens, grid, heads) for _, tokens, grid in teacher_crops[i]]
+        mine = {"sm": reference_dino(h_student, h_own, centres.get(i, "sm"), t.student, t.teacher_self),
+                "st": reference_dino(g_student, g_own, centres.get(i, "st"), t.student, t.teacher_self)}
+        cross = 0.0
+        for j in (j for j in range(n_models) if j != i):
+            suffix = "" if n_models == 2 else str(j + 1)
+            with torch.no_grad():
+                h_other = mlp_logits(teachers[j], teacher_crops[j])
+            mine[f"cm{suffix}"] = reference_dino(h_student, h_other, centres.get(i, f"cm{suffix}"), t.student,
+                                                 t.teacher_cross)
+            mine[f"ct{suffix}"] = search_term(i, j, g_student)
+            cross = cross + mine[f"cm{suffix}"] + mine[f"ct{suffix}"]
+        weight = config.models[i].cross_weight / (n_models - 1)
+        totals.append(mine["sm"] + mine["st"] + weight * cross)
+        terms.update({f"model{i + 1}/{name}": value for name, value in mine.items()})
     return totals, terms
+
+
+def assert_matches_reference(config, objective, students, teachers, centres, crops, pairing, temps=TEMPS):
+    """Every term, every total and every student's gradient of the engine's objective against reference_losses."""
+    losses = objective(students, teachers, centres, crops, temps)
+    engine_grads = []
+    for i in range(len(students)):
+        params = [p for p in students[i].parameters() if p.requires_grad]
+        engine_grads.append(torch.autograd.grad(losses.totals[i], params, allow_unused=True))
+
+    reference_totals, reference_terms = reference_losses(config, students, teachers, centres, crops, pairing, temps)
+    assert set(losses.terms) == set(reference_terms)
+    for name, value in reference_terms.items():
+        torch.testing.assert_close(losses.terms[name].double(), value.detach(), rtol=1e-7, atol=1e-9, msg=name)
+    for i in range(len(students)):
+        torch.testing.assert_close(losses.totals[i].double(), reference_totals[i], rtol=1e-7, atol=1e-9)
+        params = [p for p in students[i].parameters() if p.requires_grad]
+        reference_grads = torch.autograd.grad(reference_totals[i], params, allow_unused=True)
+        for engine, reference in zip(engine_grads[i], reference_grads):
+            if reference is None:
+                assert engine is None or torch.count_nonzero(engine) == 0
+                continue
+            torch.testing.assert_close(engine, reference, rtol=1e-6, atol=1e-10)
+
+
+def perturbed_float64_models(config):
+    """Students and teachers in float64, the teachers moved off their students as after some EMA steps."""
+    students, teachers = build_models(config, in_chans=1)
+    students = tuple(s.double() for s in students)
+    teachers = tuple(t.double() for t in teachers)
+    with torch.no_grad():
+        for teacher in teachers:
+            for parameter in teacher.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    return students, teachers
+
+
+def random_crops(batch: int = 3):
+    return [torch.randn(batch, 1, 16, 16, dtype=torch.float64) for _ in range(2)] + \
+           [torch.randn(batch, 1, 8, 8, dtype=torch.float64) for _ in range(2)]
 
 
 @pytest.mark.parametrize("kernel,pairing,batchnorm", [
@@ -180,38 +230,34 @@ def test_losses_and_gradients_match_the_equations(tmp_path, kernel, pairing, bat
     config = tiny_config(tmp_path, extra=[f"loss.kernel={kernel}", f"loss.search_pairing={pairing}",
                                           f"head.mlp_batchnorm={str(batchnorm).lower()}",
                                           "head.thead_depth=2", "model1.cross_weight=0.3", "model2.cross_weight=0.7"])
-    students, teachers = build_models(config, in_chans=1)
-    students = tuple(s.double() for s in students)
-    teachers = tuple(t.double() for t in teachers)
-    # Teachers that differ from their students, as after some EMA steps.
-    with torch.no_grad():
-        for teacher in teachers:
-            for parameter in teacher.parameters():
-                parameter.add_(0.05 * torch.randn_like(parameter))
+    students, teachers = perturbed_float64_models(config)
     centres = Centres(config.head.out_dim).double()
     centres.values.normal_()
-    crops = [torch.randn(3, 1, 16, 16, dtype=torch.float64) for _ in range(2)] + \
-            [torch.randn(3, 1, 8, 8, dtype=torch.float64) for _ in range(2)]
-    objective = MOKDObjective(config.loss, (0.3, 0.7))
+    assert_matches_reference(config, MOKDObjective(config.loss, (0.3, 0.7)), students, teachers, centres,
+                             random_crops(), pairing)
 
-    losses = objective(students, teachers, centres, crops, TEMPS)
-    engine_grads = []
-    for i in (0, 1):
-        params = [p for p in students[i].parameters() if p.requires_grad]
-        engine_grads.append(torch.autograd.grad(losses.totals[i], params, allow_unused=True))
 
-    reference_totals, reference_terms = reference_losses(config, students, teachers, centres, crops, pairing)
-    for name, value in reference_terms.items():
-        torch.testing.assert_close(losses.terms[name].double(), value.detach(), rtol=1e-7, atol=1e-9, msg=name)
-    for i in (0, 1):
-        torch.testing.assert_close(losses.totals[i].double(), reference_totals[i], rtol=1e-7, atol=1e-9)
-        params = [p for p in students[i].parameters() if p.requires_grad]
-        reference_grads = torch.autograd.grad(reference_totals[i], params, allow_unused=True)
-        for engine, reference in zip(engine_grads[i], reference_grads):
-            if reference is None:
-                assert engine is None or torch.count_nonzero(engine) == 0
-                continue
-            torch.testing.assert_close(engine, reference, rtol=1e-6, atol=1e-10)
+THREE_TEMPS = (*TEMPS, Temperatures(student=0.09, teacher_self=0.045, teacher_cross=0.065))
+
+
+@pytest.mark.parametrize("kernel,fusion", [("torch", None), ("reference", None), ("torch", "fused_terms"),
+                                           ("torch", "fused_head")])
+def test_three_models_losses_and_gradients_match_the_equations(tmp_path, kernel, fusion):
+    """N = 3 (two ResNets and a ViT): model i distils from its own teacher and from both others, each other
+    model's L_cm and L_ct weighed lambda_i / 2, one centre per (model, centred term, teacher)."""
+    torch.manual_seed(3)
+    config = tiny_config(tmp_path, model2=[*TINY_RESNET[:-1], "width=4"], extra=[
+        f"loss.kernel={kernel}", *([f"loss.{fusion}=true"] if fusion else []),
+        *(f"model3.{item}" for item in TINY_VIT), "model3.optim.warmup_epochs=1",
+        "model1.cross_weight=0.3", "model2.cross_weight=0.7", "model3.cross_weight=1.3"])
+    assert len(config.models) == 3
+    students, teachers = perturbed_float64_models(config)
+    centres = Centres(config.head.out_dim, n_models=3).double()
+    assert centres.values.shape[0] == 3 * (2 + 2)  # sm, st and an L_cm per other model, for each model
+    centres.values.normal_()
+    objective = MOKDObjective.for_config(config)
+    assert_matches_reference(config, objective, students, teachers, centres, random_crops(), "local_to_global",
+                             THREE_TEMPS)
 
 
 def test_each_model_loss_depends_only_on_its_own_student(tmp_path):
