@@ -43,7 +43,7 @@ def units_sharded_after_forward(trainer: Trainer) -> Optional[bool]:
     DTensor parameters right after a forward (parallel.reshard_after_forward) or the gathered plain tensors."""
     if trainer.config.parallel.strategy != "fsdp":
         return None
-    student = trainer.students[0]
+    student = trainer.student_networks[0]
     side = trainer.config.data.global_crop_size
     student([torch.randn(2, student.backbone.in_chans, side, side)] * 2)
     units = [module for module in student.modules() if isinstance(module, FSDPModule) and module is not student]

@@ -1,4 +1,4 @@
-"""Run under torchrun: every rank builds the training data of a config (the trainer's build_train_data) with
+"""Run under torchrun: every rank builds the training data of a config (the trainer's TrainData) with
 its rank and world size from torch.distributed (gloo), reads one epoch, and the ranks compare batch counts.
 
     torchrun --standalone --nproc_per_node 2 tests/shard_ranks_check.py OUT.json key=value ...
@@ -18,14 +18,15 @@ import torch
 import torch.distributed as dist
 
 from mokd.config import load_config
-from mokd.engine.trainer import build_train_data
+from mokd.engine.train_data import TrainData
 
 
 def main(out: Path, overrides: list[str]) -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     config = load_config(None, overrides)
-    _, loader, position, _ = build_train_data(config, rank, world_size)
+    data = TrainData.build(config, rank, world_size)
+    loader, position = data.loader, data.sampler
     position.set_epoch(0)
     labels = [int(label) for _, batch_labels in loader for label in batch_labels]
     mine = {"length": len(position), "batches": len(labels) // config.train.batch_size, "labels": labels}

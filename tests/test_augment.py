@@ -22,7 +22,8 @@ from mokd.data import (DecodeAndDraw, DeviceMultiCrop, MultiCropTransform, Synth
                        collate_crops, collate_decoded)
 from mokd.data import device_augment as D
 from mokd.data.loader import ResumableBatchSampler, seeded_transform
-from mokd.engine.trainer import Trainer, build_train_data
+from mokd.engine.train_data import TrainData
+from mokd.engine.trainer import Trainer
 
 CPU = torch.device("cpu")
 MEAN3, STD3 = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -327,7 +328,8 @@ def test_augment_device_mode_on_each_source_gives_the_workers_crops(tmp_path, so
     batches = {}
     for mode in ("workers", "device"):
         config = tiny_config(tmp_path / mode, extra=[*overrides, f"data.augment={mode}"])
-        _, loader, position, _ = build_train_data(config)
+        data = TrainData.build(config)
+        loader, position = data.loader, data.sampler
         position.set_epoch(0)
         batches[mode] = next(iter(loader))
     (crops, labels), (decoded, device_labels) = batches["workers"], batches["device"]

@@ -43,7 +43,7 @@ def observe(run_dir: Path, family: str) -> dict:
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [{key: value for key, value in line.items() if key.startswith("loss/")} for line in lines]
     parameters = {}
-    for which, student in enumerate(trainer.students, start=1):
+    for which, student in enumerate(trainer.student_networks, start=1):
         flat = torch.cat([p.detach().double().flatten() for p in student.parameters()])
         parameters[f"model{which}"] = [float(flat.sum()), float((flat * flat).sum())]
     checkpoint = sorted((run_dir / "checkpoints").glob("step_*"))[-1]

@@ -84,10 +84,10 @@ def test_a_shrunk_imagenet_preset_trains_one_real_step(tmp_path):
         last_layers = [p.detach().clone() for layer in student.last_layers() for p in layer.parameters()]
         return [p.detach().clone() for p in student.backbone.parameters()], last_layers
 
-    before = [snapshot(student) for student in trainer.students]
+    before = [snapshot(student) for student in trainer.student_networks]
     trainer.train()
     assert trainer.step == 1
-    for student, (backbone, last_layers) in zip(trainer.students, before):
+    for student, (backbone, last_layers) in zip(trainer.student_networks, before):
         backbone_after, last_layers_after = snapshot(student)
         assert not all(torch.equal(a, b) for a, b in zip(backbone_after, backbone))
         assert len(last_layers) == 4  # both heads' weight-normalised layers: direction and norm

@@ -92,16 +92,16 @@ def test_the_trainer_runs_its_schedules_over_epochs_times_steps_and_lars_when_as
         thead = other if which == 0 else mine  # the CNN's T-Head trains on the ViT's schedules
         np.testing.assert_allclose(schedule.thead_lr, warmup_cosine(thead.base_lr * 8 / 256, thead.min_lr, 15,
                                                                     round(thead.warmup_epochs * 5)), rtol=1e-12)
-    before = {name: p.detach().clone() for name, p in trainer.students[0].named_parameters()}
-    trainer.sampler.set_epoch(0)
-    for step, (crops, _) in zip(range(2), trainer.loader):
+    before = {name: p.detach().clone() for name, p in trainer.student_networks[0].named_parameters()}
+    trainer.data.sampler.set_epoch(0)
+    for step, (crops, _) in zip(range(2), trainer.data.loader):
         trainer.train_step(crops)
         for group in trainer.optimizers[0].param_groups:
             lr, weight_decay = trainer.schedules[0].group_values(step)[group["schedule"]]
             assert group["lr"] == pytest.approx(lr, rel=1e-12)
             assert group["weight_decay"] == (pytest.approx(weight_decay, rel=1e-12) if group["apply_weight_decay"]
                                              else 0.0)
-    after = dict(trainer.students[0].named_parameters())
+    after = dict(trainer.student_networks[0].named_parameters())
     frozen = [name for name in before if ".last_layer." in name]  # the first epoch
     assert frozen and all(torch.equal(before[name], after[name]) for name in frozen)
     changed = [not torch.equal(before[name], after[name]) for name in before if name not in frozen]
@@ -153,7 +153,7 @@ def tiny_trainer(tmp_path, precision: str) -> tuple[Trainer, list[torch.Tensor]]
     extra = [f"train.precision={precision}", "train.max_steps=3", "checkpoint.enabled=false",
              "model2.optim.warmup_epochs=0"]
     trainer = Trainer(tiny_config(tmp_path / precision, extra=extra), show_progress=False)
-    initial = [p.detach().clone() for student in trainer.students for p in student.parameters()]
+    initial = [p.detach().clone() for student in trainer.student_networks for p in student.parameters()]
     return trainer, initial
 
 
@@ -168,7 +168,7 @@ def test_bf16_autocast_trains_fp32_master_weights_with_losses_close_to_fp32(tmp_
     bf16, initial = tiny_trainer(tmp_path, "bf16")
     seen = set()  # the dtype the heads' matmuls really ran in
     hooks = [student.mlp_head.mlp[0].register_forward_hook(lambda module, args, out: seen.add(out.dtype))
-             for student in bf16.students]
+             for student in bf16.student_networks]
     bf16.train()
     for hook in hooks:
         hook.remove()
@@ -184,9 +184,9 @@ def test_bf16_autocast_trains_fp32_master_weights_with_losses_close_to_fp32(tmp_
     # bf16 kernels, while a student temperature 10% off in the bf16 path alone already moves a term past it.
     for name, value in reference[1].items():
         assert mine[1][name] == pytest.approx(value, rel=5e-2), name
-    updated = [p for student in bf16.students for p in student.parameters()]
+    updated = [p for student in bf16.student_networks for p in student.parameters()]
     assert all(p.dtype == torch.float32 for p in updated)
-    assert all(p.dtype == torch.float32 for teacher in bf16.teachers for p in teacher.parameters())
+    assert all(p.dtype == torch.float32 for teacher in bf16.teacher_networks for p in teacher.parameters())
     for optimizer in bf16.optimizers:
         for state in optimizer.state.values():
             assert all(v.dtype == torch.float32 for v in state.values() if torch.is_tensor(v) and v.ndim > 0)
@@ -226,7 +226,7 @@ def test_async_checkpoints_resume_exactly_as_an_uninterrupted_run(tmp_path, monk
     resumed.train()
 
     assert read_losses(split) == read_losses(tmp_path / "whole")
-    for kind in ("students", "teachers"):
+    for kind in ("student_networks", "teacher_networks"):
         for mine, reference in zip(getattr(resumed, kind), getattr(whole, kind)):
             reference_state = reference.state_dict()
             for key, value in mine.state_dict().items():

@@ -127,18 +127,18 @@ def test_switches_change_what_runs(tmp_path):
     assert baseline_ops.count("aten::mul_") >= n_tensors and "aten::_foreach_lerp_" not in baseline_ops
     assert "aten::_foreach_lerp_" in fast_ops and "aten::mul_" not in fast_ops
     assert baseline.optimizers[0].defaults["foreach"] is False and fast.optimizers[0].defaults["fused"] is True
-    attention = [m.fused_attn for m in baseline.students[vit].backbone.net.modules() if hasattr(m, "fused_attn")]
+    attention = [m.fused_attn for m in baseline.student_networks[vit].backbone.net.modules() if hasattr(m, "fused_attn")]
     assert attention and not any(attention)
-    assert all(m.fused_attn for m in fast.students[vit].backbone.net.modules() if hasattr(m, "fused_attn"))
-    conv = fast.students[resnet].backbone.net.layer1[0].conv1.weight  # (conv1 has one input channel)
+    assert all(m.fused_attn for m in fast.student_networks[vit].backbone.net.modules() if hasattr(m, "fused_attn"))
+    conv = fast.student_networks[resnet].backbone.net.layer1[0].conv1.weight  # (conv1 has one input channel)
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    assert baseline.students[resnet].backbone.net.layer1[0].conv1.weight.is_contiguous()
+    assert baseline.student_networks[resnet].backbone.net.layer1[0].conv1.weight.is_contiguous()
     seen = []
-    fast.students[resnet].backbone.net.layer1[0].conv1.register_forward_hook(
+    fast.student_networks[resnet].backbone.net.layer1[0].conv1.register_forward_hook(
         lambda module, args, out: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
     fast.train_step(crops_for(fast_config))
     assert seen and all(seen)
-    assert baseline.students[0].grouped_crops is False and fast.students[0].grouped_crops is True
+    assert baseline.student_networks[0].grouped_crops is False and fast.student_networks[0].grouped_crops is True
 
 
 def test_compile_switch_compiles_in_place(tmp_path):
@@ -163,7 +163,7 @@ def test_baseline_and_fast_compute_the_same_step_in_fp32(tmp_path):
         for name in base.terms:
             torch.testing.assert_close(fast.terms[name], base.terms[name], rtol=2e-4, atol=2e-5, msg=name)
     torch.testing.assert_close(trainers[1].centres.values, trainers[0].centres.values, rtol=1e-4, atol=1e-5)
-    for base_teacher, fast_teacher in zip(trainers[0].teachers, trainers[1].teachers):
+    for base_teacher, fast_teacher in zip(trainers[0].teacher_networks, trainers[1].teacher_networks):
         for base_param, fast_param in zip(base_teacher.parameters(), fast_teacher.parameters()):
             torch.testing.assert_close(fast_param, base_param, rtol=1e-4, atol=1e-5)
 

@@ -10,31 +10,32 @@ import torch
 
 from helpers import TINY_RESNET, TINY_VIT, linear_then_constant, tiny_config, warmup_cosine
 from mokd.engine.checkpoint import CheckpointError
-from mokd.engine.trainer import Trainer, build_train_data
+from mokd.engine.train_data import TrainData
+from mokd.engine.trainer import Trainer
 from mokd.method.models import build_network, make_teacher
 from test_method_losses import reference_dino
 
 
 def first_batch(trainer: Trainer) -> list[torch.Tensor]:
-    trainer.sampler.set_epoch(0)
-    crops, _ = next(iter(trainer.loader))
-    trainer.sampler.set_epoch(0)
+    trainer.data.sampler.set_epoch(0)
+    crops, _ = next(iter(trainer.data.loader))
+    trainer.data.sampler.set_epoch(0)
     return crops
 
 
 def test_teachers_get_no_gradient_ema_and_centres_follow_their_formulas(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, extra=["checkpoint.enabled=false"]), show_progress=False)
     crops = first_batch(trainer)
-    teachers_before = [[p.detach().clone() for p in t.parameters()] for t in trainer.teachers]
+    teachers_before = [[p.detach().clone() for p in t.parameters()] for t in trainer.teacher_networks]
     centres_before = trainer.centres.values.clone()
     with torch.no_grad():  # the raw teacher logits the centres must average (teacher BN in train mode)
-        raw = [teacher(crops[:2]) for teacher in trainer.teachers]
+        raw = [teacher(crops[:2]) for teacher in trainer.teacher_networks]
 
     trainer.train_step(crops)
 
-    for teacher in trainer.teachers:
+    for teacher in trainer.teacher_networks:
         assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
-    for which, (teacher, student) in enumerate(zip(trainer.teachers, trainer.students)):
+    for which, (teacher, student) in enumerate(zip(trainer.teacher_networks, trainer.student_networks)):
         momentum = float(trainer.schedules[which].teacher_momentum[0])
         for before, after, student_param in zip(teachers_before[which], teacher.parameters(), student.parameters()):
             expected = momentum * before + (1 - momentum) * student_param.detach()
@@ -123,17 +124,18 @@ def test_self_mlp_only_pair_equals_two_independent_dino_runs(tmp_path):
                   for key in ("clip_grad=3.0", "freeze_last_layer_epochs=0.5")]]
     config = tiny_config(tmp_path, extra=switches)
     trainer = Trainer(config, show_progress=False)
-    assert trainer.students[0].thead is None
+    assert trainer.student_networks[0].thead is None
     trainer.train()
 
-    _, loader, sampler, _ = build_train_data(config)
+    data = TrainData.build(config)
+    loader, sampler = data.loader, data.sampler
     sampler.set_epoch(0)
     batches = [crops for crops, _ in list(loader)[:3]]
     for which in (0, 1):
         student, teacher = independent_dino(config, which, batches)
-        for mine, reference in zip(trainer.teachers[which].parameters(), teacher.parameters()):
+        for mine, reference in zip(trainer.teacher_networks[which].parameters(), teacher.parameters()):
             torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
-        for mine, reference in zip(trainer.students[which].parameters(), student.parameters()):
+        for mine, reference in zip(trainer.student_networks[which].parameters(), student.parameters()):
             torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
 
 
@@ -147,14 +149,14 @@ def test_one_training_step_for_every_pair_kind(tmp_path, kind, model1, model2):
     extra = ["train.max_steps=1", "checkpoint.enabled=false", "model2.optim.warmup_epochs=0"]  # lr > 0 at step 0
     trainer = Trainer(tiny_config(tmp_path, model1, model2, extra),
                       show_progress=False)
-    before = [p.detach().clone() for p in trainer.students[1].parameters()]
+    before = [p.detach().clone() for p in trainer.student_networks[1].parameters()]
     trainer.train()
     assert trainer.step == 1
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     for which in (1, 2):
         for term in ("sm", "st", "cm", "ct"):
             assert torch.isfinite(torch.tensor(record[f"loss/model{which}/{term}"]))
-    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.students[1].parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.student_networks[1].parameters()))
 
 
 def read_losses(run_dir) -> dict[int, dict]:
@@ -176,7 +178,7 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path):
     whole_losses, split_losses = read_losses(tmp_path / "whole"), read_losses(tmp_path / "split")
     assert sorted(split_losses) == sorted(whole_losses) == [1, 2, 3, 4, 5, 6]
     assert split_losses == whole_losses
-    for mine, reference in zip(resumed.teachers, whole.teachers):
+    for mine, reference in zip(resumed.teacher_networks, whole.teacher_networks):
         reference_state = reference.state_dict()
         for key, value in mine.state_dict().items():
             assert torch.equal(value, reference_state[key]), key

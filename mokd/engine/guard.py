@@ -2,8 +2,9 @@
 nothing, and a run that keeps producing such steps stops with an error that names the step, the model and the
 term, while its checkpoints still hold the last finite weights.
 
-The trainer gathers one flag per loss term and per gradient norm into a vector that all ranks reduce together
-(with the stop-request flag, so a step has one such all-reduce); `StepGuard.judge` reads the agreed vector.
+`StepJudge` gathers one flag per loss term and per gradient norm into a vector that all ranks reduce together,
+with the stop-request flag, so a step has one such all-reduce: every rank then agrees whether the step changes
+anything and whether (and on which signal) the run stops at this step boundary.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from typing import Iterable, Optional
 
 import torch
 
+from mokd.engine.distributed import all_gather_objects, any_rank, collective
 from mokd.errors import NonFiniteError
+from mokd.signals import StopRequest
 
 
 def non_finite_flags(values: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -28,7 +31,6 @@ class StepGuard:
         self.report = report  # rank 0 prints each skip
         self.skipped_steps = 0
         self.consecutive = 0
-        self.scaler_skipped_steps = [0, 0]
 
     def judge(self, step: int, names: list[str], agreed_flags: torch.Tensor) -> Optional[str]:
         """The non-finite quantities of step `step` (1-based) as a message, or None for a finite step.
@@ -60,3 +62,25 @@ def non_finite_module(modules: dict[str, list[torch.Tensor]]) -> Optional[str]:
         if any(not torch.isfinite(tensor).all() for tensor in tensors):
             return name
     return None
+
+
+class StepJudge:
+    """The verdict on a step, the same on every rank: skip it (a non-finite value on some rank) or not, and stop
+    after it (a stop signal on some rank: `stop_agreed` names the signal) or not."""
+
+    def __init__(self, max_consecutive: int, device: torch.device, report: bool = True) -> None:
+        self.guard = StepGuard(max_consecutive, report)
+        self.stop = StopRequest()
+        self.stop_agreed: Optional[str] = None  # the stop signal every rank has seen, at a step boundary
+        self.device = device
+
+    def skip(self, step: int, values: dict[str, torch.Tensor]) -> bool:
+        """Collective: True when step `step` (1-based) must change nothing, judged on `values` (loss terms and
+        gradient norms by name) of every rank; records an agreed stop request on the way."""
+        flags = torch.cat([non_finite_flags(values.values()).to(self.device),
+                           torch.tensor([float(self.stop.requested)], device=self.device)])
+        with collective("step-boundary flags all-reduce"):
+            agreed = any_rank(flags).cpu()
+        if agreed[-1] > 0 and self.stop_agreed is None:
+            self.stop_agreed = next(name for name in all_gather_objects(self.stop.signal_name) if name)
+        return self.guard.judge(step, list(values), agreed[:-1]) is not None

@@ -191,7 +191,7 @@ def build_run(preset: str, mode: str, batch: int, device: torch.device, inputs: 
     config = load_config(preset, mode_keys + overrides + harness)
     start = time.perf_counter()
     trainer = Trainer(config, show_progress=False)
-    channels = trainer.dataset.channels
+    channels = trainer.data.dataset.channels
     if inputs == "device":
         batches = _device_batches(config, batch, channels, device)
     else:
@@ -212,8 +212,8 @@ def _loader_batches(trainer: Trainer) -> Iterator[list[torch.Tensor]]:
     """The trainer's real loader (workers, augmentation, collation), epoch after epoch."""
     epoch = 0
     while True:
-        trainer.sampler.set_epoch(epoch)
-        for crops, _ in trainer.loader:
+        trainer.data.sampler.set_epoch(epoch)
+        for crops, _ in trainer.data.loader:
             yield crops
         epoch += 1
 
@@ -250,7 +250,8 @@ def count_flops(run: Run) -> int:
 
 def state_bytes(trainer: Trainer) -> int:
     """Bytes of everything a step starts with: students, teachers, optimiser states, centres (unique storages)."""
-    tensors = [t for network in trainer.students + trainer.teachers for t in network.state_dict().values()]
+    networks = trainer.student_networks + trainer.teacher_networks
+    tensors = [t for network in networks for t in network.state_dict().values()]
     tensors += [v for opt in trainer.optimizers for state in opt.state.values() for v in state.values()
                 if isinstance(v, torch.Tensor)]
     tensors.append(trainer.centres.values)

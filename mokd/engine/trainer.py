@@ -17,54 +17,33 @@ from typing import Optional
 import torch
 
 from mokd.config import MOKDConfig, save_config, to_yaml
-from mokd.data import (build_train_loader, dataset_for, limit_size, loader_statistics, shard_train_loader,
-                       train_augmentation)
-from mokd.engine.collapse_watch import CollapseWatch, step0_name
+from mokd.engine.collapse_watch import CollapseWatch
 from mokd.engine.checkpoint import (META_FILE, RNG_DIR, TEACHERS_FILE, CheckpointError, CheckpointManager, Finish,
                                    read_checkpoint_file, save_torch)
-from mokd.engine.distributed import (CentreSync, World, all_gather_objects, all_reduce_mean, all_reduce_sum, any_rank,
-                                     broadcast_object, collective, init_world)
-from mokd.engine.guard import StepGuard, non_finite_flags, non_finite_module
+from mokd.engine.distributed import (CentreSync, World, all_gather_objects, all_reduce_sum, broadcast_object,
+                                     collective, init_world)
+from mokd.engine.guard import StepJudge, non_finite_module
 from mokd.engine.metrics import MetricsLogger
 from mokd.engine.optim import build_optimizer
 from mokd.engine.perf import apply_perf
 from mokd.engine.resume_check import check_resume
 from mokd.engine.run_lock import RunLock, check_run_directory
-from mokd.engine.runtime import (autocast, autocast_dtype, describe_precision, peak_memory_bytes, resolve_device,
-                                 restore_rng_state, rng_state, seed_rng_for_rank, set_determinism)
+from mokd.engine.runtime import (autocast, autocast_dtype, describe_precision, resolve_device, restore_rng_state,
+                                 rng_state, seed_rng_for_rank, set_determinism)
+from mokd.engine.step_log import StepLog, feature_monitors
 from mokd.engine.strategies import build_strategy
-from mokd.errors import DataError, MokdError, NonFiniteError, user_message
+from mokd.engine.train_data import TrainData
+from mokd.errors import MokdError, NonFiniteError, user_message
 from mokd.method.mokd import Centres, MOKDObjective, StepLosses, Temperatures, untimed
-from mokd.method.monitors import feature_statistics
-from mokd.method.network import Network
 from mokd.method.models import build_models, build_network, thead_schedule_source
+from mokd.method.network import Network
 from mokd.method.schedules import ModelSchedules
-from mokd.signals import StopRequest
-
-
-def build_train_data(config: MOKDConfig, rank: int = 0, world_size: int = 1):
-    """The training dataset, its loader, the loader's position (set_epoch, set_start_batch, len: the
-    ResumableBatchSampler, or for shards the ShardLoader itself), and the step that turns a loader batch into crop
-    tensors on the device (data.augment=device augments there)."""
-    data = config.data
-    dataset = dataset_for(data, "train", config.train.seed)
-    if data.source != "webdataset":  # shards are never indexed for training: the manifest has the counts
-        dataset = limit_size(dataset, data.train_samples, config.train.seed)
-    augmentation = train_augmentation(data, dataset.channels)
-    if data.source == "webdataset":
-        loader = shard_train_loader(data, augmentation.transform, config.train.batch_size, config.train.seed, rank,
-                                    world_size, augmentation.collate)
-        return dataset, loader, loader, augmentation.to_device
-    loader, sampler = build_train_loader(dataset, augmentation.transform, config.train.batch_size, config.train.seed,
-                                         data.num_workers, rank=rank, world_size=world_size,
-                                         collate=augmentation.collate)
-    return dataset, loader, sampler, augmentation.to_device
-
-
-FEATURE_MONITOR_TAGS = {"mean_cosine": "feature_cosine", "effective_rank": "feature_rank"}
 
 
 class Trainer:
+    """A run: its components (data, models and their strategy, objective, schedules, centres, step judge, log,
+    checkpoints), built and checked before anything is written, then `train()`."""
+
     def __init__(self, config: MOKDConfig, show_progress: bool = True) -> None:
         self.config = config
         if config.train.threads:
@@ -81,53 +60,52 @@ class Trainer:
         if self.world.is_main:
             print(describe_precision(config.train.precision, self.device), flush=True)
 
-        self.dataset, self.loader, self.sampler, self.batch_to_crops = build_train_data(config, self.world.rank,
-                                                                                        self.world.world_size)
-        self.steps_per_epoch = len(self.sampler)
-        if self.steps_per_epoch == 0:
-            raise DataError(f"train.batch_size={config.train.batch_size} is larger than the {len(self.dataset)} "
-                             f"training images of data.source={config.data.source}: no full batch per epoch")
+        self.data = TrainData.build(config, self.world.rank, self.world.world_size)
+        self.steps_per_epoch = self.data.steps_per_epoch
         self.total_steps = config.train.epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, config.train.max_steps or self.total_steps)
 
-        students, teachers = build_models(config, self.dataset.channels)
-        model_configs = config.models
-        self.centres = Centres(config.head.out_dim, len(model_configs)).to(self.device)
+        models = config.models
+        students, teachers = build_models(config, self.data.dataset.channels)
+        self.centres = Centres(config.head.out_dim, len(models)).to(self.device)
         self.objective = MOKDObjective.for_config(config)
         if self.world.distributed:
             self.objective.reduce_sum = all_reduce_sum
-        self.strategy = build_strategy(config, self.world, self.amp_dtype)
-        thead_sources = [thead_schedule_source(config, i) for i in range(len(model_configs))]
-        self.strategy.setup(tuple(apply_perf(s.to(self.device), config.perf) for s in students),
-                            tuple(apply_perf(t.to(self.device), config.perf) for t in teachers),
-                            lambda network, i: build_optimizer(network, model_configs[i].optim, config.perf.optimizer,
-                                                               thead_schedule=thead_sources[i] is not None))
+        # A T-Head may follow another model's lr and weight-decay schedules (thead_optim): its own parameter group.
+        thead_sources = [thead_schedule_source(config, which) for which in range(len(models))]
         global_batch = config.train.batch_size * self.world.world_size
         self.schedules = [ModelSchedules(model, config.loss, self.total_steps, self.steps_per_epoch, global_batch,
-                                         thead_optim=None if thead_sources[i] is None
-                                         else model_configs[thead_sources[i]].optim)
-                          for i, model in enumerate(model_configs)]
+                                         thead_optim=None if source is None else models[source].optim)
+                          for model, source in zip(models, thead_sources)]
+        self.strategy = build_strategy(config, self.world, self.amp_dtype)
+        self.strategy.setup(tuple(apply_perf(s.to(self.device), config.perf) for s in students),
+                            tuple(apply_perf(t.to(self.device), config.perf) for t in teachers),
+                            lambda network, which: build_optimizer(network, models[which].optim, config.perf.optimizer,
+                                                                   thead_schedule=thead_sources[which] is not None))
 
         self.phase = untimed  # the step's phase hook; a profiler installs a timer with set_phase_hook
-        self.guard = StepGuard(config.train.max_skipped_steps, report=self.world.is_main)
-        self.stop = StopRequest()
-        self.stop_agreed: Optional[str] = None  # the stop signal every rank has seen, at a step boundary
-        self.scaler_skipped = [False] * len(model_configs)
-
-        self.step = 0
+        self.judge = StepJudge(config.train.max_skipped_steps, self.device, report=self.world.is_main)
+        self.scaler_skipped = [False] * len(models)  # per model: did its fp16 GradScaler skip the last step
         self.collapse_watch = CollapseWatch(config.head.out_dim, config.train.warn_feature_cosine_gap,
                                             config.train.warn_feature_rank_fraction,
                                             config.train.warn_entropy_fraction)
+        self.step = 0
         self.lock = RunLock(self.run_dir)
         self.open_run()
         self.metrics = (MetricsLogger(self.run_dir, self.last_step, self.step, show_progress)
                         if self.world.is_main else None)
+        self.step_log = StepLog(self.schedules, self.collapse_watch, self.metrics, self.device)
 
     @property
     def collapse_step0(self) -> dict[str, float]:
         """The feature monitors of the untrained teachers (the first step of the run), the collapse warnings'
         reference; kept in every checkpoint. {} until measured."""
         return self.collapse_watch.baseline
+
+    @property
+    def stop_agreed(self) -> Optional[str]:
+        """The stop signal every rank has seen, at a step boundary (None: no stop)."""
+        return self.judge.stop_agreed
 
     def open_run(self) -> None:
         """Collective: claim the run directory (rank 0: writable, locked), resume from the newest checkpoint that
@@ -159,12 +137,12 @@ class Trainer:
             raise
 
     @property
-    def students(self) -> tuple:
-        """The student modules (sharded or wrapped as the strategy keeps them)."""
+    def student_networks(self) -> tuple[Network, ...]:
+        """The student modules, model1 ... modelN (sharded or wrapped as the strategy keeps them)."""
         return self.strategy.networks
 
     @property
-    def teachers(self) -> tuple:
+    def teacher_networks(self) -> tuple[Network, ...]:
         return self.strategy.teacher_networks
 
     @property
@@ -178,32 +156,37 @@ class Trainer:
         self.objective.phase = phase
 
     def temperatures(self, step: int) -> list[Temperatures]:
-        return list(Temperatures(s.student_temperature, float(s.teacher_temperature_self[step]),
-                                  float(s.teacher_temperature_cross[step])) for s in self.schedules)
+        return [Temperatures(s.student_temperature, float(s.teacher_temperature_self[step]),
+                             float(s.teacher_temperature_cross[step])) for s in self.schedules]
 
-    def train_step(self, crops) -> tuple[StepLosses, list[torch.Tensor]]:
+    def train_step(self, batch) -> tuple[StepLosses, list[torch.Tensor]]:
         """One step on a batch of the training loader: crop tensors, or (data.augment=device) decoded images."""
         step, strategy, phase = self.step, self.strategy, self.phase
+        models = range(len(self.schedules))
         frozen = [step < schedule.freeze_last_layer_steps for schedule in self.schedules]
         with phase("data"):
-            crops = self.batch_to_crops(crops, self.device)
+            crops = self.data.to_crops(batch, self.device)
 
+        # Every student and teacher forward, the searches and every model's loss L_i.
         with autocast(self.device, self.amp_dtype), collective("forward (batch-norm statistics, parameter gathers)"):
             losses = self.objective(strategy.students, strategy.teachers, self.centres, crops, self.temperatures(step))
         with phase("centres"):  # one flat all-reduce of the centres' statistics; in flight during backward
             centre_sync = CentreSync(losses.centre_sums, losses.centre_rows, self.config.perf.overlap_centre_reduce)
         with phase("backward"), collective("backward (gradient reduction)"):
             strategy.backward(losses.totals)
+
+        # Per model: schedules, gradient norm and clipping; then one verdict for all (finite? stop?); the steps.
         with phase("optimizer"):
             grad_norms = []
-            for i, (schedule, model) in enumerate(zip(self.schedules, self.config.models)):
-                strategy.set_schedule(i, schedule.group_values(step), frozen[i])
-                grad_norms.append(strategy.prepare_gradients(i, model.optim.clip_grad, frozen[i]))
-            skip = self.judge_step(losses, grad_norms)
-            for i in range(len(self.schedules)):
-                after_step, self.scaler_skipped[i] = strategy.apply_gradients(i, skip)
-                grad_norms[i] = after_step if grad_norms[i] is None else grad_norms[i]
+            for which, (schedule, model) in enumerate(zip(self.schedules, self.config.models)):
+                strategy.set_schedule(which, schedule.group_values(step), frozen[which])
+                grad_norms.append(strategy.prepare_gradients(which, model.optim.clip_grad, frozen[which]))
+            skip = self.judge.skip(step + 1, self.judged_values(losses, grad_norms))
+            for which in models:
+                after_step, self.scaler_skipped[which] = strategy.apply_gradients(which, skip)
+                grad_norms[which] = after_step if grad_norms[which] is None else grad_norms[which]
 
+        # The teachers follow their students (EMA), the centres the teachers' batch statistics.
         with torch.no_grad():
             if not skip:
                 with phase("ema"):
@@ -215,29 +198,20 @@ class Trainer:
         self.step += 1
         return losses, grad_norms
 
-    def judge_step(self, losses: StepLosses, grad_norms: list[Optional[torch.Tensor]]) -> bool:
-        """One all-reduce per step of the non-finite flags of every loss term and gradient norm, with this rank's
-        stop request: True when the step must change nothing (on every rank). Gradient norms of a model with an
-        fp16 GradScaler are left to the scaler, which skips such steps itself and lowers its scale."""
-        names = list(losses.terms)
-        values = list(losses.terms.values())
-        for i, norm in enumerate(grad_norms):
-            if norm is not None and not self.strategy.scalers[i].is_enabled():
-                names.append(f"model{i + 1}/grad_norm")
-                values.append(norm)
-        flags = torch.cat([non_finite_flags(values).to(self.device),
-                           torch.tensor([float(self.stop.requested)], device=self.device)])
-        with collective("step-boundary flags all-reduce"):
-            agreed = any_rank(flags).cpu()
-        if agreed[-1] > 0 and self.stop_agreed is None:
-            self.stop_agreed = next(name for name in all_gather_objects(self.stop.signal_name) if name)
-        return self.guard.judge(self.step + 1, names, agreed[:-1]) is not None
+    def judged_values(self, losses: StepLosses, grad_norms: list[Optional[torch.Tensor]]) -> dict:
+        """What must be finite for a step to count: every loss term, and the gradient norm of every model without
+        an fp16 GradScaler (a scaler skips such steps itself and lowers its scale)."""
+        values = dict(losses.terms)
+        for which, norm in enumerate(grad_norms):
+            if norm is not None and not self.strategy.scalers[which].is_enabled():
+                values[f"model{which + 1}/grad_norm"] = norm
+        return values
 
     # ---- the loop -------------------------------------------------------------------------------
     def train(self) -> None:
         """Train to the last step, or until a stop signal (then save and return: `stop_agreed` names it).
         The run directory's lock is released at the end, however the loop ends."""
-        self.stop.install()
+        self.judge.stop.install()
         try:
             self.loop()
             self.checkpoints.wait()
@@ -245,7 +219,7 @@ class Trainer:
             self.checkpoints.wait(raise_errors=False)  # a checkpoint in flight is finished, not cut off
             raise
         finally:
-            self.stop.uninstall()
+            self.judge.stop.uninstall()
             if self.metrics is not None:
                 self.metrics.close()
             self.lock.release()
@@ -255,14 +229,14 @@ class Trainer:
         window_start, window_images, data_wait = time.perf_counter(), 0, 0.0
         first_step = self.step + 1
         while self.step < self.last_step:
-            self.sampler.set_epoch(epoch)
-            self.sampler.set_start_batch(self.step - epoch * self.steps_per_epoch)
+            self.data.sampler.set_epoch(epoch)
+            self.data.sampler.set_start_batch(self.step - epoch * self.steps_per_epoch)
             fetch_start = time.perf_counter()
-            for batch, labels in self.loader:
+            for batch, labels in self.data.loader:
                 data_wait += time.perf_counter() - fetch_start
                 losses, grad_norms = self.train_step(batch)
                 if not self.collapse_step0:  # this step's teachers were the untrained networks (a fresh run)
-                    self.collapse_watch.set_baseline(self.feature_monitors(losses, reduce=True))
+                    self.collapse_watch.set_baseline(feature_monitors(losses, reduce=True))
                 window_images += len(labels) * self.world.world_size
                 if self.step == first_step:  # optimiser state exists from the first step on
                     self.record_memory()
@@ -270,7 +244,9 @@ class Trainer:
                     self.metrics.advance()
                 if self.step % self.config.train.log_every == 0 or self.step == self.last_step:
                     elapsed = time.perf_counter() - window_start
-                    self.log(losses, grad_norms, window_images / elapsed, data_wait / elapsed)
+                    self.step_log.record(self.step, losses, grad_norms, self.judge.guard.skipped_steps,
+                                         self.scaler_skipped, window_images / elapsed, data_wait / elapsed,
+                                         self.data.loader)
                     window_start, window_images, data_wait = time.perf_counter(), 0, 0.0
                 if self.should_checkpoint() or (self.stop_agreed and self.config.checkpoint.enabled):
                     self.save()
@@ -311,51 +287,6 @@ class Trainer:
         end_of_epoch = self.step % self.steps_per_epoch == 0
         return self.step == self.last_step or (every > 0 and self.step % every == 0) or (every == 0 and end_of_epoch)
 
-    def log(self, losses: StepLosses, grad_norms: list[torch.Tensor], images_per_second: float,
-            data_wait_share: float) -> None:
-        """Every rank takes part (the losses are averaged over ranks); rank 0 writes."""
-        step = self.step - 1  # the values belong to the step just taken
-        averaged = {f"loss/{name}": value for name, value in losses.terms.items()}
-        for which, total in enumerate(losses.totals, start=1):
-            averaged[f"loss/model{which}/total"] = total
-        averaged.update({f"collapse/teacher_entropy/{name}": v for name, v in losses.teacher_entropy.items()})
-        averaged.update({f"collapse/kl_teacher_student/{name}": v for name, v in losses.kl_teacher_student.items()})
-        averaged.update(self.feature_monitors(losses, reduce=False))  # computed only for the logged steps
-        with collective("metrics all-reduce"):
-            scalars = {name: value.item() for name, value in all_reduce_mean(averaged).items()}
-        scalars.update({step0_name(name): value for name, value in self.collapse_step0.items()})
-        for which, (schedule, norm) in enumerate(zip(self.schedules, grad_norms), start=1):
-            scalars[f"schedule/model{which}/lr"] = float(schedule.lr[step])
-            scalars[f"schedule/model{which}/weight_decay"] = float(schedule.weight_decay[step])
-            scalars[f"schedule/model{which}/thead_lr"] = float(schedule.thead_lr[step])
-            scalars[f"schedule/model{which}/thead_weight_decay"] = float(schedule.thead_weight_decay[step])
-            scalars[f"schedule/model{which}/teacher_momentum"] = float(schedule.teacher_momentum[step])
-            scalars[f"schedule/model{which}/teacher_temperature_self"] = float(schedule.teacher_temperature_self[step])
-            scalars[f"schedule/model{which}/teacher_temperature_cross"] = float(schedule.teacher_temperature_cross[step])
-            scalars[f"grad_norm/model{which}"] = float(norm)
-        scalars["guard/skipped_steps"] = float(self.guard.skipped_steps)
-        for which, skipped in enumerate(self.scaler_skipped, start=1):
-            scalars[f"guard/scaler_skipped/model{which}"] = float(skipped)  # the logged step, by the GradScaler
-        scalars["perf/images_per_second"] = images_per_second
-        scalars["perf/data_wait_share"] = data_wait_share
-        scalars["perf/peak_memory_bytes"] = float(peak_memory_bytes(self.device))
-        scalars.update(loader_statistics(self.loader))
-        if self.metrics is not None:
-            self.metrics.log(self.step, scalars)
-            for line in self.collapse_watch.check(self.step, scalars):
-                self.metrics.write_line(line)
-
-    def feature_monitors(self, losses: StepLosses, reduce: bool) -> dict:
-        """Mean pairwise cosine and effective rank of each teacher's pooled global-crop features, by metric name:
-        this rank's tensors, or (reduce: collective) floats averaged over the ranks."""
-        monitors = {f"collapse/{FEATURE_MONITOR_TAGS[statistic]}/model{which}": value
-                    for which, pooled in enumerate(losses.teacher_pooled, start=1)
-                    for statistic, value in feature_statistics(pooled).items()}
-        if not reduce:
-            return monitors
-        with collective("feature monitors all-reduce"):
-            return {name: value.item() for name, value in all_reduce_mean(monitors).items()}
-
     # ---- checkpoints ----------------------------------------------------------------------------
     def save(self) -> Path:
         """Collective: students, teachers and optimisers through the strategy, the rest here. Weights that are not
@@ -391,8 +322,7 @@ class Trainer:
             if self.world.is_main:
                 save_torch({
                     "step": self.step,
-                    "data_position": {"epoch": self.step // self.steps_per_epoch,
-                                      "batch_in_epoch": self.step % self.steps_per_epoch},
+                    "data_position": self.data.position(self.step),
                     "centres": self.centres.values.detach().cpu(),
                     "world_size": self.world.world_size,
                     "strategy": self.strategy.name,
@@ -436,7 +366,7 @@ class Trainer:
             seed_rng_for_rank(self.config.train.seed, meta["step"], self.world.rank)
         self.step = meta["step"]
 
-    def teacher_networks(self) -> tuple[Network, ...] | None:
+    def gathered_teachers(self) -> tuple[Network, ...] | None:
         """Every teacher as plain, whole networks on this rank's device (rank 0; None elsewhere): what the
         end-of-training evaluation scores. Collective (sharded teachers are gathered)."""
         states = self.strategy.teacher_state_dicts()
@@ -444,7 +374,7 @@ class Trainer:
             return None
         networks = []
         for which, state in enumerate(states):
-            network = build_network(self.config, which, self.dataset.channels, student=False)
+            network = build_network(self.config, which, self.data.dataset.channels, student=False)
             network.load_state_dict(state)
             networks.append(network.to(self.device).eval())
         return tuple(networks)

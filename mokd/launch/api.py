@@ -59,7 +59,7 @@ def train(preset: Optional[str] = "demo", overrides: Overrides = (), progress: b
             f"{trainer.world.world_size} process(es))")
     trainer.train()
     if not trainer.stop_agreed and config.eval.knn_at_end:
-        teachers = trainer.teacher_networks()
+        teachers = trainer.gathered_teachers()
         # One feature pass per model serves the k-NN, the linear probe and the analyses.
         features, _ = extract_run_features(config, teachers, trainer.device)
         say(format_table(evaluate_run(config, teachers, trainer.device, trainer.step, features=features)))
