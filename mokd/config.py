@@ -166,7 +166,7 @@ class ModelConfig:
 
 @dataclass
 class HeadConfig:
-    out_dim: int = option(65536, "K, output dimension of both heads of both models", AT_LEAST_ONE)
+    out_dim: int = option(65536, "K, output dimension of both heads of every model", AT_LEAST_ONE)
     mlp_hidden_dim: int = option(2048, "MLP-Head hidden width", AT_LEAST_ONE)
     mlp_bottleneck_dim: int = option(256, "MLP-Head bottleneck before the weight-normalised last layer", AT_LEAST_ONE)
     mlp_batchnorm: bool = option(False, "BatchNorm after each hidden Linear of the MLP-Head (DINO's use_bn_in_head; "

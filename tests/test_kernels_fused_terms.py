@@ -17,10 +17,13 @@ import torch
 
 from test_kernels_dino_ce import TAU_S, TAU_T, case_seed, literal_dino64
 
-# (S, B, K, [(T, pairing, with centre, sinkhorn, first row, weight), ...]): odd K, B = 1, one or two terms, both
+# (S, B, K, [(T, pairing, with centre, sinkhorn, first row, weight), ...]): odd K, B = 1, one to three terms, both
 # pairings, centred and Sinkhorn-Knopp targets, a one_to_one term on a row subset (L_ct's local crops).
 CASES = [
     (4, 2, 257, [(2, "dino", True, False, 0, 1.0), (2, "dino", True, False, 0, 0.7)]),
+    # three models: L_sm and an L_cm per other teacher read h_i (Triton: two terms a pass, then one)
+    (4, 1, 129, [(2, "dino", True, False, 0, 1.0), (2, "dino", True, False, 0, 0.35),
+                 (2, "dino", False, True, 0, 0.5)]),
     (4, 1, 301, [(2, "dino", False, True, 0, 1.0), (2, "one_to_one", False, False, 2, 0.5)]),
     (3, 2, 129, [(2, "dino", True, False, 0, 1.3)]),
     (2, 1, 37, [(1, "one_to_one", False, False, 0, 1.0), (2, "dino", False, True, 0, 0.25)]),

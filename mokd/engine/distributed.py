@@ -147,7 +147,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class CentreSync:
-    """The six centres' column sums and row counts all-reduced as one flat buffer, once per step, optionally
+    """The centres' column sums and row counts all-reduced as one flat buffer, once per step, optionally
     started early (async) so that the transfer overlaps the backward pass."""
 
     def __init__(self, sums: torch.Tensor, rows: torch.Tensor, async_op: bool) -> None:

@@ -1,4 +1,4 @@
-"""One model of the pair: backbone f, MLP-Head h and (optional) T-Head g, with the multi-crop forward."""
+"""One model of a run: backbone f, MLP-Head h and (optional) T-Head g, with the multi-crop forward."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class Network(nn.Module):
 
     def __init__(self, model_config, head_config, in_chans: int, global_crop_size: int, thead_dim: Optional[int],
                  drop_path: float) -> None:
-        """`thead_dim`: the T-Head width D shared by the pair (see pair.thead_width), or None for no T-Head."""
+        """`thead_dim`: the T-Head width D shared by every model (see models.thead_width), or None for no T-Head."""
         super().__init__()
         self.backbone = Backbone(model_config, in_chans, global_crop_size, drop_path)
         channels = self.backbone.num_features
