@@ -274,7 +274,7 @@ def format_table(results: dict) -> str:
     """Every model's scores as a text table: k-NN (untrained, trained, gain), then whichever of the linear
     probe and the fine-tuning results the run has."""
     models = sorted((key for key in results if MODEL_SECTION.fullmatch(key)), key=lambda key: int(key[len("model"):]))
-    extra = sorted({key for which in models for key in results[which]
+    extra = sorted({key for model in models for key in results[model]
                     if key == "linear_top1" or key.startswith("finetune_")})
     lines = []
     if "knn" in results:
@@ -284,13 +284,13 @@ def format_table(results: dict) -> str:
         lines.append(f"further columns: {', '.join(key.replace('_top1', '') for key in extra)} top-1 (percent)")
     header = f"{'model':<8} {'backbone':<24} {'untrained':>10} {'k-NN':>10} {'gain':>8}"
     lines.append(header + "".join(f" {key.replace('_top1', ''):>14}" for key in extra))
-    for which in models:
-        row = results[which]
+    for model in models:
+        row = results[model]
         knn, untrained = row.get("knn_top1"), row.get("knn_top1_untrained")
         gain = "" if untrained is None or knn is None else f"{knn - untrained:+.2f}"
         cells = [f"{'' if value is None else f'{value:.2f}':>{width}}"
                  for value, width in ((untrained, 10), (knn, 10))]
-        line = f"{which:<8} {row['backbone']:<24} {cells[0]} {cells[1]} {gain:>8}"
+        line = f"{model:<8} {row['backbone']:<24} {cells[0]} {cells[1]} {gain:>8}"
         for key in extra:
             value = row.get(key)
             line += f" {'' if value is None else f'{value:.2f}':>14}"
