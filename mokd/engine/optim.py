@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+
+from mokd.config import register_choices
+from mokd.registry import Registry
 
 MODEL_SCHEDULE, THEAD_SCHEDULE = "model", "thead"
 
@@ -61,6 +64,26 @@ class LARS(torch.optim.Optimizer):
 
 IMPLEMENTATIONS = {"loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 
+# modelN.optim.name: each name builds the optimiser from (parameter groups, optim section, implementation flags).
+OPTIMIZERS: Registry[Callable[[list, Any, dict], torch.optim.Optimizer]] = Registry("modelN.optim.name")
+register_choices(OPTIMIZERS.key, OPTIMIZERS.helps)
+
+
+@OPTIMIZERS.register("sgd", "SGD with momentum (optim.momentum)")
+def _sgd(groups: list, optim_config, flavour: dict) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=0.0, momentum=optim_config.momentum, weight_decay=0.0, **flavour)
+
+
+@OPTIMIZERS.register("lars", "SGD with momentum and a layer-wise trust ratio (You et al.); biases and norms skip "
+                             "it; its own per-tensor step, not under deepspeed")
+def _lars(groups: list, optim_config, flavour: dict) -> torch.optim.Optimizer:
+    return LARS(groups, momentum=optim_config.momentum)
+
+
+@OPTIMIZERS.register("adamw", "AdamW (decoupled weight decay)")
+def _adamw(groups: list, optim_config, flavour: dict) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, **flavour)
+
 
 def build_optimizer(model: nn.Module, optim_config, implementation: str = "foreach",
                     thead_schedule: bool = False) -> torch.optim.Optimizer:
@@ -69,16 +92,9 @@ def build_optimizer(model: nn.Module, optim_config, implementation: str = "forea
     `thead_schedule`: the T-Head is its own parameter group with its own schedules (see parameter_groups)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"optimiser implementation {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}")
-    groups = parameter_groups(model, thead_schedule)
-    flavour = IMPLEMENTATIONS[implementation]
+    build = OPTIMIZERS.get(optim_config.name)
     # lr and weight decay are set by the schedules before every step.
-    if optim_config.name == "adamw":
-        return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, **flavour)
-    if optim_config.name == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=optim_config.momentum, weight_decay=0.0, **flavour)
-    if optim_config.name == "lars":
-        return LARS(groups, momentum=optim_config.momentum)
-    raise ValueError(f"optim.name={optim_config.name!r} is not one of sgd, lars, adamw")
+    return build(parameter_groups(model, thead_schedule), optim_config, IMPLEMENTATIONS[implementation])
 
 
 GroupValues = Mapping[str, tuple[float, float]]  # schedule name -> (lr, weight decay) at this step

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mokd.data.sources import SOURCES
 from mokd.engine.runtime import autocast, autocast_dtype
 from mokd.method.network import Network
 from mokd.method.models import build_network
@@ -98,8 +99,7 @@ def activation_bytes(config, in_chans: int, device_type: str) -> tuple[int, int]
 
 def input_channels(data_config) -> int:
     """Image channels of the configured source, without opening it."""
-    return {"fashion_mnist": 1, "synthetic": data_config.synthetic_channels,
-            "webdataset": getattr(data_config, "shard_channels", 3)}.get(data_config.source, 3)
+    return SOURCES.get(data_config.source).channels(data_config)
 
 
 def estimate(config, world_size: int, in_chans: int, activations: tuple[int, int] = (0, 0)) -> dict:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from mokd.engine.strategies.base import Strategy, convert_batchnorm
+from mokd.engine.strategies.base import StrategyBase, convert_batchnorm
 
 
-class DDPStrategy(Strategy):
+class DDPStrategy(StrategyBase):
     name = "ddp"
 
     def wrap(self, students, teachers):

@@ -26,12 +26,13 @@ from torch import nn
 
 from mokd.engine.checkpoint import failure_message, load_teachers_file
 from mokd.engine.optim import GroupValues, set_schedule
-from mokd.engine.strategies.base import Strategy, convert_batchnorm, tensor_bytes
+from mokd.engine.strategies.base import StrategyBase, convert_batchnorm, tensor_bytes
 from mokd.errors import CheckpointError
 
 
-class DeepSpeedStrategy(Strategy):
+class DeepSpeedStrategy(StrategyBase):
     name = "deepspeed"
+    checkpoint_format = "deepspeed"  # each engine's own; resumes only under deepspeed
 
     def _engine_config(self, clip_grad: float) -> dict:
         return {

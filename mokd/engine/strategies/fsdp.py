@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from mokd.engine.strategies.base import Strategy, convert_batchnorm
+from mokd.engine.strategies.base import StrategyBase, convert_batchnorm
 
 
 class _ReshardingTeacher:
@@ -32,7 +32,7 @@ class _ReshardingTeacher:
         return output
 
 
-class FSDPStrategy(Strategy):
+class FSDPStrategy(StrategyBase):
     name = "fsdp"
 
     def wrap(self, students, teachers):
