@@ -13,7 +13,7 @@ import contextlib
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Protocol, runtime_checkable
+from typing import Callable, Iterator, NamedTuple, Optional, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,16 @@ from mokd.engine.optim import GroupValues, clip_gradients_, drop_last_layer_grad
 from mokd.kernels import EmaPlan, ema_per_tensor_
 
 OptimizerFactory = Callable[[nn.Module, int], torch.optim.Optimizer]
+
+
+class MemoryLayout(NamedTuple):
+    """How a strategy lays each model's state out over W ranks (`mokd plan` estimates from it)."""
+
+    label: str  # the plan's column name
+    sharded: tuple[bool, bool, bool, bool]  # student parameters, teacher parameters, gradients, optimiser state: / W
+    master_partition: bool = False  # fp32 master weights, partitioned (ZeRO)
+    gathers_units: bool = False  # one unit gathered whole at a time (parameters and gradients)
+    gradient_buckets: bool = False  # a second copy of the gradients (DDP's buckets)
 
 
 @runtime_checkable
@@ -82,6 +92,10 @@ class Strategy(Protocol):
     def memory_report(self) -> dict[str, int]:
         """Bytes this rank holds per component (parameters, optimiser state)."""
 
+    @classmethod
+    def memory_layout(cls, config) -> MemoryLayout:
+        """How this strategy would lay the models' state out under `config` (before anything is built)."""
+
 
 def convert_batchnorm(network: nn.Module, backend: str) -> nn.Module:
     """Make every BatchNorm layer normalise over the global batch of all ranks (in place).
@@ -115,6 +129,10 @@ class StrategyBase:
         self.config, self.world, self.amp_dtype = config, world, amp_dtype
         fp16 = amp_dtype == torch.float16
         self.scalers = [torch.amp.GradScaler(world.device.type, enabled=fp16) for _ in config.models]
+
+    @classmethod
+    def memory_layout(cls, config) -> MemoryLayout:
+        return MemoryLayout(cls.name, (False, False, False, False))
 
     # ---- wrapping ------------------------------------------------------------------------------
     def setup(self, students, teachers, make_optimizer: OptimizerFactory) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from mokd.engine.strategies.base import StrategyBase, convert_batchnorm
+from mokd.engine.strategies.base import MemoryLayout, StrategyBase, convert_batchnorm
 
 
 class _ReshardingTeacher:
@@ -34,6 +34,10 @@ class _ReshardingTeacher:
 
 class FSDPStrategy(StrategyBase):
     name = "fsdp"
+
+    @classmethod
+    def memory_layout(cls, config) -> MemoryLayout:
+        return MemoryLayout(cls.name, (True, True, True, True), gathers_units=True)
 
     def wrap(self, students, teachers):
         mesh = init_device_mesh(self.world.device.type, (self.world.world_size,))
