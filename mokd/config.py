@@ -136,7 +136,7 @@ class OptimConfig:
 @dataclass
 class ModelConfig:
     backbone: str = option("resnet18", "timm backbone, by name; its family (ResNet or ViT) decides the other "
-                                   "options that apply")
+                           "options that apply")
     small_image: bool = option(False, "28-32 px variant: CIFAR-style ResNet stem, or ViT with 4-pixel patches")
     width: Optional[int] = option(None, "ResNet first-stage channels or ViT embedding dimension (null: timm's)",
                                   AT_LEAST_ONE)
@@ -424,8 +424,8 @@ def _declared_models(layers: list[tuple[str, set[str]]]) -> int:
     return n_models
 
 
-# The values of options whose choices the schema itself implements; the components declare theirs
-# (register_choices): parallel.strategy, data.source, modelN.backbone, modelN.optim.name, loss.kernel, head.attention.
+# The values of the options whose choices the schema itself implements; the components declare the values of
+# theirs with register_choices (each from its mokd.registry.Registry).
 CHOICES: dict[str, tuple[str, ...]] = {
     "modelN.thead_optim": ("auto", "own", "other"),
     "modelN.temperature.warmup_unit": ("step", "epoch"),

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -116,6 +117,20 @@ def test_registry_data_sources_tell_their_channels_without_opening_the_data(tmp_
         assert input_channels(config.data) == channels, source
 
 
+@pytest.mark.parametrize("name", list(EXPECTED["modelN.backbone"]))
+def test_registry_backbone_family_of_each_name(tmp_path, name):
+    """Each backbone name builds its family's model: token side in pixels (ViT patch or ResNet stride, at full
+    size and with small_image) and the options that apply only to the other family."""
+    vit = name.startswith("vit_")
+    family = BACKBONES.get(name)
+    assert family.is_vit == vit
+    for small, patch in ((False, 16 if vit else 32), (True, 4 if vit else 8)):
+        assert family.patch_size(SimpleNamespace(backbone=name, small_image=small)) == patch
+    foreign = "model1.zero_init_last_bn=true" if vit else "model1.depth=2"
+    with pytest.raises(ConfigError, match=foreign.split("=")[0]):
+        tiny_config(tmp_path, model1=[f"backbone={name}"], extra=[foreign])
+
+
 def protocol_members() -> tuple[dict[str, inspect.Signature], set[str]]:
     """({method: signature}, {attribute}) that the Strategy protocol declares."""
     methods = {name: inspect.signature(getattr(Strategy, name)) for name in vars(Strategy)
@@ -153,7 +168,6 @@ def test_strategy_protocol_holds_for_a_set_up_single_strategy(tmp_path):
 def test_strategy_protocol_looking_up_deepspeed_does_not_import_it():
     """The deepspeed strategy's class (and its checkpoint format) is known without importing DeepSpeed."""
     script = ("import sys\n"
-              "import mokd.launch.components\n"
               "from mokd.engine.strategies import strategy_class\n"
               "assert strategy_class('deepspeed').checkpoint_format == 'deepspeed'\n"
               "assert 'deepspeed' not in sys.modules, 'deepspeed was imported'\n")

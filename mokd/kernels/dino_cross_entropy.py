@@ -569,7 +569,7 @@ def _triton_usable(x: torch.Tensor) -> bool:
 
 
 # The implementations by name (loss.kernel, the `impl` argument): each takes (student logits, teacher logits,
-# centre or None, tau_s, tau_t, layout) after validation.
+# centre or None, tau_s, tau_t, layout) after validation, the teacher logits and the centre detached.
 Implementation = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", float, float, _Layout],
                           DinoCrossEntropyOutput]
 IMPLS: Registry[Implementation] = Registry("loss.kernel")
@@ -592,29 +592,23 @@ def _triton(student, teacher, centre, tau_s, tau_t, layout) -> DinoCrossEntropyO
             "dino_cross_entropy: impl='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1 set before "
             f"import); got {student.device} tensors, triton {'present' if triton else 'missing'}"
         )
-    return DinoCrossEntropyOutput(*_TritonDinoCE.apply(student, teacher.detach(), _detached(centre), tau_s, tau_t,
-                                                        layout))
+    return DinoCrossEntropyOutput(*_TritonDinoCE.apply(student, teacher, centre, tau_s, tau_t, layout))
 
 
 @IMPLS.register("native", "fused C++ CPU operators (built by the install when a compiler is present)")
 def _native_impl(student, teacher, centre, tau_s, tau_t, layout) -> DinoCrossEntropyOutput:
-    return _native(student, teacher.detach(), _detached(centre), tau_s, tau_t, layout)
+    return _native(student, teacher, centre, tau_s, tau_t, layout)
 
 
 @IMPLS.register("torch", "the log-sum-exp identity with an analytic backward in plain PyTorch")
 def _torch(student, teacher, centre, tau_s, tau_t, layout) -> DinoCrossEntropyOutput:
-    return DinoCrossEntropyOutput(*_TorchDinoCE.apply(student, teacher.detach(), _detached(centre), tau_s, tau_t,
-                                                       layout))
+    return DinoCrossEntropyOutput(*_TorchDinoCE.apply(student, teacher, centre, tau_s, tau_t, layout))
 
 
 @IMPLS.register("reference", "DINO's literal loop over (teacher view, student crop) pairs, for tests")
 def _reference_impl(student, teacher, centre, tau_s, tau_t, layout) -> DinoCrossEntropyOutput:
     pairing = "dino" if layout.exclude_same else "one_to_one"
     return _reference(student, teacher, centre, tau_s, tau_t, layout.batch, pairing)
-
-
-def _detached(centre: torch.Tensor | None) -> torch.Tensor | None:
-    return None if centre is None else centre.detach()
 
 
 def dino_cross_entropy(
@@ -640,6 +634,7 @@ def dino_cross_entropy(
     layout = _validate(
         student_logits, teacher_logits, centre, student_temperature, teacher_temperature, batch_size, pairing, impl
     )
+    centre = None if centre is None else centre.detach()
     return IMPLS.get(impl)(
-        student_logits, teacher_logits, centre, float(student_temperature), float(teacher_temperature), layout
+        student_logits, teacher_logits.detach(), centre, float(student_temperature), float(teacher_temperature), layout
     )

@@ -2,12 +2,13 @@
 
 Backbones come in families (ResNet, ViT): a family names the timm models it builds, checks the options that apply
 to it, and knows how its models are built, sharded and read out. Each name is registered (modelN.backbone) with
-its family, so a new backbone is one name added to a family, and a new family one class registered below.
+its family, so a new backbone is one name added to a family, and a new family one class (a BackboneFamily)
+registered below.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import timm
 import torch
@@ -33,6 +34,30 @@ class BackboneOutput(NamedTuple):
 def _timm_kwargs(in_chans: int, drop_path: float) -> dict:
     """What every family's timm model is built with: headless, untrained."""
     return dict(pretrained=False, num_classes=0, in_chans=in_chans, drop_path_rate=drop_path)
+
+
+class BackboneFamily(Protocol):
+    """What differs between families of backbones."""
+
+    names: tuple[str, ...]  # the timm models it builds (modelN.backbone)
+    help: str
+    is_vit: bool
+    channels_last: bool  # whether NHWC weights and inputs help it (perf.channels_last)
+
+    def check(self, section: str, model_config) -> None:
+        """Refuse options of `section` (model1 ... modelN) that do not apply to this family."""
+
+    def patch_size(self, model_config) -> int:
+        """Pixels per token side."""
+
+    def create(self, model_config, in_chans: int, image_size: int, drop_path: float) -> nn.Module:
+        """The headless timm model."""
+
+    def sharding_units(self, net: nn.Module) -> list[nn.Module]:
+        """The blocks a sharded strategy gathers one at a time."""
+
+    def output(self, net: nn.Module, features: torch.Tensor, images: torch.Tensor) -> BackboneOutput:
+        """(z, Z, grid) from the model's forward_features of `images`."""
 
 
 class ResNetFamily:
@@ -117,7 +142,6 @@ class ViTFamily:
         return BackboneOutput(features[:, 0], features[:, net.num_prefix_tokens:], grid)
 
 
-BackboneFamily = ResNetFamily | ViTFamily
 # modelN.backbone: every name a family builds, each registered with its family.
 BACKBONES: Registry[BackboneFamily] = Registry("modelN.backbone")
 register_choices(BACKBONES.key, BACKBONES.helps)
