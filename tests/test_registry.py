@@ -5,7 +5,6 @@ every registered strategy has the interface the trainer uses (the Strategy proto
 from __future__ import annotations
 
 import inspect
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -171,6 +170,5 @@ def test_strategy_protocol_looking_up_deepspeed_does_not_import_it():
               "from mokd.engine.strategies import strategy_class\n"
               "assert strategy_class('deepspeed').checkpoint_format == 'deepspeed'\n"
               "assert 'deepspeed' not in sys.modules, 'deepspeed was imported'\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                            env={**os.environ})
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
