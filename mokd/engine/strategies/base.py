@@ -46,7 +46,8 @@ class MemoryLayout(NamedTuple):
 
 @runtime_checkable
 class Strategy(Protocol):
-    """What the trainer uses of a strategy. The module attributes exist after `setup`."""
+    """What the trainer uses of a strategy (and `mokd plan`: memory_layout). The module attributes exist after
+    `setup`."""
 
     name: str  # its parallel.strategy value, written into every checkpoint
     checkpoint_format: str  # "dcp" or "deepspeed": a checkpoint resumes under any strategy of the same format
