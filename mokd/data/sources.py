@@ -118,6 +118,10 @@ SOURCES: Registry[DataSource] = Registry("data.source")
 register_choices(SOURCES.key, SOURCES.helps)
 
 
+def _fashion_mnist(data, split: str, seed: int) -> Dataset:
+    return FashionMNIST(split, data.root)
+
+
 def _imagefolder(data, split: str, seed: int) -> Dataset:
     directory = _imagefolder_directory(data.root, split)
     try:
@@ -142,7 +146,7 @@ def _webdataset(data, split: str, seed: int) -> Dataset:
     return ShardDataset(pattern, data.shard_channels, key)
 
 
-SOURCES.add("fashion_mnist", DataSource(lambda data, split, seed: FashionMNIST(split, data.root), lambda data: 1),
+SOURCES.add("fashion_mnist", DataSource(_fashion_mnist, lambda data: 1),
             "Fashion-MNIST's IDX files, in data.root or else searched for where installers put them")
 SOURCES.add("imagefolder", DataSource(_imagefolder, lambda data: 3),
             "an ImageFolder tree, `data.root/train/<class>/<image>` and `data.root/val/...`")
