@@ -15,7 +15,7 @@ import re
 from importlib.resources import files
 from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -120,7 +120,7 @@ class TemperatureConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = option("adamw", "optimiser: sgd | lars | adamw")
+    name: str = option("adamw", "optimiser of this student")
     base_lr: float = option(5e-4, "learning rate per 256 images (scaled by global batch / 256)", POSITIVE)
     min_lr: float = option(1e-5, "final learning rate of the cosine schedule", NON_NEGATIVE)
     warmup_epochs: float = option(10.0, "linear learning-rate warm-up, epochs", NON_NEGATIVE)
@@ -135,7 +135,8 @@ class OptimConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = option("resnet18", "timm backbone: resnet18|34|50|101, vit_tiny|small|base_patch16_224")
+    backbone: str = option("resnet18", "timm backbone, by name; its family (ResNet or ViT) decides the other "
+                           "options that apply")
     small_image: bool = option(False, "28-32 px variant: CIFAR-style ResNet stem, or ViT with 4-pixel patches")
     width: Optional[int] = option(None, "ResNet first-stage channels or ViT embedding dimension (null: timm's)",
                                   AT_LEAST_ONE)
@@ -176,7 +177,7 @@ class HeadConfig:
     thead_depth: int = option(3, "T-Head transformer blocks", AT_LEAST_ONE)
     thead_heads: int = option(6, "T-Head attention heads", AT_LEAST_ONE)
     thead_mlp_ratio: float = option(4.0, "T-Head MLP ratio", POSITIVE)
-    attention: str = option("sdpa", "T-Head attention: sdpa | flash (if installed) | math")
+    attention: str = option("sdpa", "attention implementation of the T-Head")
 
 
 # loss.<switch> for every row of the table (the ablation switches), declared by the table.
@@ -190,8 +191,7 @@ class LossConfig(LossSwitches):
     centre_momentum: float = option(0.9, "momentum m_c of the DINO centres (one per model, centred term and "
                                     "teacher)", UNIT)
     teacher_momentum: float = option(0.996, "EMA momentum at step 0 (cosine schedule to 1)", UNIT)
-    kernel: str = option("auto", "DINO cross-entropy implementation: auto | triton | native | torch | reference "
-                                 "(auto: triton on CUDA, native on CPU when built, else torch)")
+    kernel: str = option("auto", "implementation of the DINO cross-entropy kernel")
     centring: str = option("centre", "teacher targets of L_sm, L_st, L_cm: centre (softmax((t - c) / tau_t), the "
                            "paper) | sinkhorn_knopp (DINOv2/v3: equipartition over the global batch)")
     sinkhorn_iterations: int = option(3, "Sinkhorn-Knopp normalisation rounds (loss.centring=sinkhorn_knopp)",
@@ -207,7 +207,7 @@ class LossConfig(LossSwitches):
 
 @dataclass
 class DataConfig:
-    source: str = option("fashion_mnist", "fashion_mnist | imagefolder | synthetic | webdataset (tar shards)")
+    source: str = option("fashion_mnist", "where the images come from")
     root: Optional[str] = option(None, "dataset root (imagefolder: ROOT/train, ROOT/val; fashion_mnist: IDX dir)")
     global_crop_size: int = option(224, "side of the two global crops, px", AT_LEAST_ONE)
     local_crop_size: int = option(96, "side of the local crops, px", AT_LEAST_ONE)
@@ -307,8 +307,8 @@ class CheckpointConfig:
 
 @dataclass
 class ParallelConfig:
-    strategy: str = option("single", "single | ddp | fsdp (FSDP2 fully_shard) | deepspeed (ZeRO, one engine per "
-                           "student); multi-process strategies run under torchrun, the DeepSpeed launcher or srun")
+    strategy: str = option("single", "how the students are distributed over processes; the multi-process "
+                           "strategies run under torchrun, the DeepSpeed launcher or srun")
     zero_stage: int = option(2, "deepspeed: ZeRO stage 1 (optimiser state), 2 (+ gradients) or 3 (+ parameters)")
     backend: str = option("auto", "process-group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo")
     reshard_after_forward: bool = option(True, "fsdp: free the gathered parameters after each block's forward "
@@ -424,24 +424,39 @@ def _declared_models(layers: list[tuple[str, set[str]]]) -> int:
     return n_models
 
 
+# The values of the options whose choices the schema itself implements; the components declare the values of
+# theirs with register_choices (each from its mokd.registry.Registry).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "modelN.optim.name": ("sgd", "lars", "adamw"),
     "modelN.thead_optim": ("auto", "own", "other"),
     "modelN.temperature.warmup_unit": ("step", "epoch"),
     "loss.centring": ("centre", "sinkhorn_knopp"),
-    "head.attention": ("sdpa", "flash", "math"),
     "loss.search_pairing": ("local_to_global", "global_to_global"),
-    "loss.kernel": ("auto", "triton", "native", "torch", "reference"),
-    "data.source": ("fashion_mnist", "imagefolder", "synthetic", "webdataset"),
     "data.shard_statistics": ("imagefolder", "fashion_mnist", "synthetic"),
     "data.augment": ("workers", "device"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
-    "parallel.strategy": ("single", "ddp", "fsdp", "deepspeed"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "perf.optimizer": ("loop", "foreach", "fused"),
     "eval.split": ("test", "validation"),
 }
+_REGISTERED_CHOICES: dict[str, Mapping[str, str]] = {}
+
+
+def register_choices(key: str, choices: Mapping[str, str]) -> None:
+    """Declares the values option `key` accepts ({name: help}; modelN.* for every model), for the component that
+    implements them (a mokd.registry.Registry passes its live `helps`). Like component_check, each component
+    registers when it is imported; `validate` refuses any other value and the configuration reference lists them.
+    The mapping is read at every use, so names added to it later are accepted too."""
+    if key in CHOICES or key in _REGISTERED_CHOICES:
+        raise ValueError(f"the choices of {key} are declared twice")
+    _REGISTERED_CHOICES[key] = choices
+
+
+def allowed_values(key: str) -> Mapping[str, str]:
+    """{value: help} of the values option `key` accepts (any modelK.* key reads modelN.*); help is empty where the
+    option's own help explains the values; empty for an option that takes any value of its type."""
+    key = re.sub(r"^model[1-9][0-9]*\.", "modelN.", key)
+    return _REGISTERED_CHOICES.get(key) or dict.fromkeys(CHOICES.get(key, ()), "")
 
 
 def _leaf_options(schema: type = MOKDConfig, prefix: str = "") -> list[tuple[str, Any, dict]]:
@@ -461,6 +476,18 @@ def _leaf_options(schema: type = MOKDConfig, prefix: str = "") -> list[tuple[str
 def describe_options(schema: type = MOKDConfig, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, default, help) for every leaf option of the schema."""
     return [(key, repr(value), metadata.get("help", "")) for key, value, metadata in _leaf_options(schema, prefix)]
+
+
+def choice_lines(choices: Mapping[str, str]) -> list[str]:
+    """One line per help text of a choice, naming the choices it explains (consecutive names that share a help,
+    such as a backbone family's, are named together): "`a`, `b`: help"."""
+    grouped: list[tuple[list[str], str]] = []
+    for name, meaning in choices.items():
+        if grouped and grouped[-1][1] == meaning:
+            grouped[-1][0].append(name)
+        else:
+            grouped.append(([name], meaning))
+    return [f"{', '.join(f'`{name}`' for name in names)}: {meaning}" for names, meaning in grouped if meaning]
 
 
 def reference_markdown() -> str:
@@ -490,10 +517,11 @@ def reference_markdown() -> str:
             rows = [(item.name, item.default, item.metadata)]
         for key, value, metadata in rows:
             shown_key = key.replace("model1.", "modelN.", 1)
-            allowed = CHOICES.get(shown_key)
+            allowed = allowed_values(shown_key)
             accepts = " | ".join(allowed) if allowed else (str(metadata["bounds"]) if metadata.get("bounds") else "")
             default = OmegaConf.to_yaml({"v": value}).strip()[len("v: "):].replace("\n", " ")
-            lines.append(f"| `{shown_key}` | `{cell(default)}` | {cell(accepts)} | {cell(metadata.get('help', ''))} |")
+            meaning = "<br>".join(cell(text) for text in [metadata.get("help", ""), *choice_lines(allowed)])
+            lines.append(f"| `{shown_key}` | `{cell(default)}` | {cell(accepts)} | {meaning} |")
     return "\n".join(lines) + "\n"
 
 
@@ -625,7 +653,8 @@ def validate(config: MOKDConfig) -> None:
     checks, then those the components registered (component_check)."""
     check_ranges(config)
     names = [f"model{k}" for k in range(1, len(config.models) + 1)]
-    for key, allowed in CHOICES.items():
+    for key in [*CHOICES, *_REGISTERED_CHOICES]:
+        allowed = allowed_values(key)
         for concrete in ([key.replace("modelN", name, 1) for name in names] if key.startswith("modelN.") else [key]):
             if _get(config, concrete) not in allowed:
                 raise ConfigError(f"{concrete}={_get(config, concrete)!r} is not one of {', '.join(allowed)}")

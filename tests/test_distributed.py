@@ -4,7 +4,7 @@ Every strategy with 2 ranks of 4 images is compared with one process of 8 images
 the same images, crops, schedules and, through GlobalBatchNorm, the same BatchNorm statistics): the losses of
 each step (averaged over ranks) and the teachers' weights after 3 steps must agree to fp32 reduction-order
 noise (losses rtol 1e-4; weights atol 2e-5, rtol 1e-4). DeepSpeed clips the global gradient norm and freezes
-the last layers through a zero learning rate (see engine/strategies/zero.py), so the per-stage comparisons run
+the last layers through a zero learning rate (see engine/strategies/deepspeed.py), so the per-stage comparisons run
 with clipping and freezing off on both sides, and one ZeRO-2 run keeps both on against a one-process reference
 whose clipping is a global-norm clip written here; the others keep DINO's per-parameter clipping, tightened to
 0.05 so that it acts, and the first-epoch freeze (all STEPS steps lie in the first epoch). Every run has

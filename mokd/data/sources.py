@@ -1,4 +1,5 @@
-"""Dataset sources by name: Fashion-MNIST, an ImageFolder tree, or synthetic images made on the fly.
+"""Dataset sources by name (data.source): Fashion-MNIST, an ImageFolder tree, synthetic images made on the fly,
+or WebDataset tar shards.
 
 Every dataset returned here yields (PIL image, int label) and exposes `.channels` (1 or 3), `.targets`
 (list of int labels) and `.classes`.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import colorsys
 import os
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -16,12 +18,12 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
 
+from mokd.config import DataConfig, register_choices
 from mokd.data.fashion_mnist import FashionMNIST
 from mokd.data.shard_dataset import ShardDataset
 from mokd.data.transforms import dataset_statistics
 from mokd.errors import DataError
-
-SOURCES = ("fashion_mnist", "imagefolder", "synthetic")
+from mokd.registry import Registry
 
 
 class ImageFolderDataset(ImageFolder):
@@ -105,6 +107,55 @@ def _imagefolder_directory(root: str | os.PathLike | None, split: str) -> Path:
     )
 
 
+class DataSource(NamedTuple):
+    """What a data.source name builds, from a run's `data` section."""
+
+    build: Callable[[Any, str, int], Dataset]  # (data section, split, seed) -> that split's dataset
+    channels: Callable[[Any], int]  # the images' channels, read from the data section without opening the data
+
+
+SOURCES: Registry[DataSource] = Registry("data.source")
+register_choices(SOURCES.key, SOURCES.helps)
+
+
+def _fashion_mnist(data, split: str, seed: int) -> Dataset:
+    return FashionMNIST(split, data.root)
+
+
+def _imagefolder(data, split: str, seed: int) -> Dataset:
+    directory = _imagefolder_directory(data.root, split)
+    try:
+        return ImageFolderDataset(str(directory))
+    except FileNotFoundError as exc:  # torchvision's message for a tree with no classes or no images
+        raise DataError(
+            f"ImageFolder directory {directory} holds no images in class subdirectories "
+            f"(expected {directory}/<class>/<image>): {exc}"
+        ) from None
+
+
+def _synthetic(data, split: str, seed: int) -> Dataset:
+    return SyntheticDataset(data.synthetic_size, data.synthetic_image_size, data.synthetic_classes,
+                            data.synthetic_channels, seed, split)
+
+
+def _webdataset(data, split: str, seed: int) -> Dataset:
+    key = "data.shards" if split == "train" else "data.eval_shards"
+    pattern = data.shards if split == "train" else data.eval_shards
+    if not pattern:
+        raise DataError(f"data.source=webdataset: the {split!r} split needs {key} (shard URLs)")
+    return ShardDataset(pattern, data.shard_channels, key)
+
+
+SOURCES.add("fashion_mnist", DataSource(_fashion_mnist, lambda data: 1),
+            "Fashion-MNIST's IDX files, in data.root or else searched for where installers put them")
+SOURCES.add("imagefolder", DataSource(_imagefolder, lambda data: 3),
+            "an ImageFolder tree, `data.root/train/<class>/<image>` and `data.root/val/...`")
+SOURCES.add("synthetic", DataSource(_synthetic, lambda data: data.synthetic_channels),
+            "images made on the fly, shaped by the `data.synthetic_*` options (tests, smoke runs)")
+SOURCES.add("webdataset", DataSource(_webdataset, lambda data: data.shard_channels),
+            "tar shards streamed in order (data.shards, data.eval_shards; written by `mokd shards`)")
+
+
 def build_dataset(
     source: str,
     split: str,
@@ -115,27 +166,15 @@ def build_dataset(
     synthetic_channels: int = 3,
     seed: int = 0,
 ) -> Dataset:
-    """The `split` ("train", "val" or "test") of data source `source` (one of SOURCES).
+    """The `split` ("train", "val" or "test") of data source `source` (one of SOURCES) from explicit settings.
 
     `root` is the data directory (Fashion-MNIST: optional, searched for otherwise; ImageFolder: required).
     The synthetic_* arguments and `seed` only affect the synthetic source.
     """
-    if source == "fashion_mnist":
-        return FashionMNIST(split, root)
-    if source == "imagefolder":
-        directory = _imagefolder_directory(root, split)
-        try:
-            return ImageFolderDataset(str(directory))
-        except FileNotFoundError as exc:  # torchvision's message for a tree with no classes or no images
-            raise DataError(
-                f"ImageFolder directory {directory} holds no images in class subdirectories "
-                f"(expected {directory}/<class>/<image>): {exc}"
-            ) from None
-    if source == "synthetic":
-        return SyntheticDataset(
-            synthetic_size, synthetic_image_size, synthetic_classes, synthetic_channels, seed, split
-        )
-    raise DataError(f"data source {source!r} is unknown; valid sources: {list(SOURCES)}")
+    data = DataConfig(source=source, root=None if root is None else str(root), synthetic_size=synthetic_size,
+                      synthetic_image_size=synthetic_image_size, synthetic_classes=synthetic_classes,
+                      synthetic_channels=synthetic_channels)
+    return SOURCES.get(source).build(data, split, seed)
 
 
 def num_classes(dataset: Dataset) -> int:
@@ -204,16 +243,7 @@ def dataset_for(data_config, split: str, seed: int) -> Dataset:
 
 
 def _source_split(data_config, split: str, seed: int) -> Dataset:
-    if data_config.source == "webdataset":
-        key = "data.shards" if split == "train" else "data.eval_shards"
-        pattern = data_config.shards if split == "train" else data_config.eval_shards
-        if not pattern:
-            raise DataError(f"data.source=webdataset: the {split!r} split needs {key} (shard URLs)")
-        return ShardDataset(pattern, data_config.shard_channels, key)
-    return build_dataset(data_config.source, split, data_config.root, synthetic_size=data_config.synthetic_size,
-                         synthetic_image_size=data_config.synthetic_image_size,
-                         synthetic_classes=data_config.synthetic_classes,
-                         synthetic_channels=data_config.synthetic_channels, seed=seed)
+    return SOURCES.get(data_config.source).build(data_config, split, seed)
 
 
 def data_statistics(data_config, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

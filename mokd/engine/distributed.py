@@ -76,8 +76,14 @@ def init_world(device: torch.device, parallel_config) -> World:
             backend = "nccl" if device.type == "cuda" else "gloo"
         global _timeout_minutes
         _timeout_minutes = parallel_config.timeout_minutes
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(minutes=parallel_config.timeout_minutes),
+        timeout = datetime.timedelta(minutes=parallel_config.timeout_minutes)
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+        # torchrun's static rendezvous keeps one store across the restarts of a group (--max-restarts): the
+        # addresses the previous attempt's ranks published there, a killed rank's among them, must not be read by
+        # this attempt's connections (gloo then dials a dead port), so every attempt keys its own prefix.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"mokd/attempt_{attempt}", store), rank=rank,
+                                world_size=world_size, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
     return World(rank, world_size, local_rank, device)
 

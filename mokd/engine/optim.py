@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from mokd.config import register_choices
+from mokd.registry import Registry
 
 MODEL_SCHEDULE, THEAD_SCHEDULE = "model", "thead"
 
@@ -61,6 +65,26 @@ class LARS(torch.optim.Optimizer):
 
 IMPLEMENTATIONS = {"loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 
+# modelN.optim.name: each name builds the optimiser from (parameter groups, optim section, implementation flags).
+OPTIMIZERS: Registry[Callable[[list, Any, dict], torch.optim.Optimizer]] = Registry("modelN.optim.name")
+register_choices(OPTIMIZERS.key, OPTIMIZERS.helps)
+
+
+@OPTIMIZERS.register("sgd", "SGD with momentum (optim.momentum)")
+def _sgd(groups: list, optim_config, flavour: dict) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=0.0, momentum=optim_config.momentum, weight_decay=0.0, **flavour)
+
+
+@OPTIMIZERS.register("lars", "SGD with momentum and a layer-wise trust ratio (You et al.); biases and norms skip "
+                             "it; its own per-tensor step, not under deepspeed")
+def _lars(groups: list, optim_config, flavour: dict) -> torch.optim.Optimizer:
+    return LARS(groups, momentum=optim_config.momentum)
+
+
+@OPTIMIZERS.register("adamw", "AdamW (decoupled weight decay)")
+def _adamw(groups: list, optim_config, flavour: dict) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, **flavour)
+
 
 def build_optimizer(model: nn.Module, optim_config, implementation: str = "foreach",
                     thead_schedule: bool = False) -> torch.optim.Optimizer:
@@ -69,16 +93,9 @@ def build_optimizer(model: nn.Module, optim_config, implementation: str = "forea
     `thead_schedule`: the T-Head is its own parameter group with its own schedules (see parameter_groups)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"optimiser implementation {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}")
-    groups = parameter_groups(model, thead_schedule)
-    flavour = IMPLEMENTATIONS[implementation]
+    build = OPTIMIZERS.get(optim_config.name)
     # lr and weight decay are set by the schedules before every step.
-    if optim_config.name == "adamw":
-        return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, **flavour)
-    if optim_config.name == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=optim_config.momentum, weight_decay=0.0, **flavour)
-    if optim_config.name == "lars":
-        return LARS(groups, momentum=optim_config.momentum)
-    raise ValueError(f"optim.name={optim_config.name!r} is not one of sgd, lars, adamw")
+    return build(parameter_groups(model, thead_schedule), optim_config, IMPLEMENTATIONS[implementation])
 
 
 GroupValues = Mapping[str, tuple[float, float]]  # schedule name -> (lr, weight decay) at this step
@@ -96,15 +113,22 @@ def set_schedule(optimizer: torch.optim.Optimizer, values: GroupValues, freeze_l
 
 
 @torch.no_grad()
-def clip_gradients_(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip every parameter's gradient to norm `max_norm` on its own (DINO); return the total norm before."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+def clip_gradients_(model: nn.Module, max_norm: float, sharded: bool = False) -> torch.Tensor:
+    """DINO's clipping: every parameter's gradient scaled on its own to norm at most `max_norm` (0: no clipping);
+    returns the total norm before clipping. `sharded`: the gradients are FSDP2 DTensors; each parameter's norm is
+    then that of its whole gradient (its local shards' squared norms summed over the ranks in one all-reduce), so
+    every rank scales its shards by the same factor as one process would scale the whole gradient."""
+    grads = [p.grad.to_local() if sharded else p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
-        return torch.zeros(())
-    norms = torch.stack(torch._foreach_norm(grads))
+        return torch.zeros((), device=next(model.parameters()).device)
+    norms = torch.stack(torch._foreach_norm(grads)).float()
+    if sharded:
+        squares = norms.pow(2)
+        dist.all_reduce(squares)
+        norms = squares.sqrt()
     if max_norm > 0:
         scales = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(grads, list(scales.unbind()))
+        torch._foreach_mul_(grads, list(scales.to(grads[0].dtype).unbind()))
     return norms.norm()
 
 

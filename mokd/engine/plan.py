@@ -24,7 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mokd.data.sources import SOURCES
 from mokd.engine.runtime import autocast, autocast_dtype
+from mokd.engine.strategies import strategy_class
 from mokd.method.network import Network
 from mokd.method.models import build_network
 
@@ -98,16 +100,13 @@ def activation_bytes(config, in_chans: int, device_type: str) -> tuple[int, int]
 
 def input_channels(data_config) -> int:
     """Image channels of the configured source, without opening it."""
-    return {"fashion_mnist": 1, "synthetic": data_config.synthetic_channels,
-            "webdataset": getattr(data_config, "shard_channels", 3)}.get(data_config.source, 3)
+    return SOURCES.get(data_config.source).channels(data_config)
 
 
 def estimate(config, world_size: int, in_chans: int, activations: tuple[int, int] = (0, 0)) -> dict:
     """Bytes per rank by component for config.parallel.strategy (and zero_stage) at world_size ranks, given the
     measured (fixed, per-image) activation bytes (activation_bytes: the same for every strategy)."""
-    strategy = config.parallel.strategy
-    if strategy == "deepspeed":
-        strategy = f"zero{config.parallel.zero_stage}"
+    layout = strategy_class(config.parallel.strategy).memory_layout(config)
     counts = model_counts(config, in_chans)
     w = world_size
     rows = {"student parameters": 0.0, "teacher parameters": 0.0, "gradients": 0.0, "optimiser state": 0.0,
@@ -115,22 +114,20 @@ def estimate(config, world_size: int, in_chans: int, activations: tuple[int, int
     for c in counts:
         params, teacher, grads, state = 4 * c.parameters, 4 * c.parameters, 4 * c.trainable, \
             c.optimizer_bytes_per_parameter * c.trainable
-        sharded = {"fsdp": (1, 1, 1, 1), "zero1": (0, 0, 0, 1), "zero2": (0, 0, 1, 1),
-                   "zero3": (1, 1, 1, 1)}.get(strategy, (0, 0, 0, 0))
         for key, value, shard in zip(("student parameters", "teacher parameters", "gradients", "optimiser state"),
-                                     (params, teacher, grads, state), sharded):
+                                     (params, teacher, grads, state), layout.sharded):
             rows[key] += value / w if shard else value
-        if strategy.startswith("zero"):
+        if layout.master_partition:
             rows["fp32 master partition"] += 4 * c.trainable / w
-        if strategy in ("fsdp", "zero3") and w > 1:
+        if layout.gathers_units and w > 1:
             rows["gathered unit (transient)"] += 8 * c.largest_unit
-        if strategy == "ddp":
+        if layout.gradient_buckets:
             rows["DDP gradient buckets"] += grads
     activations = activations[0] + activations[1] * config.train.batch_size
     rows = {key: int(value) for key, value in rows.items() if value}
     model_state = sum(rows.values())
     rows["activations"] = activations
-    return {"strategy": strategy, "world_size": world_size, "batch_per_rank": config.train.batch_size,
+    return {"strategy": layout.label, "world_size": world_size, "batch_per_rank": config.train.batch_size,
             "parameters": [c.parameters for c in counts], "rows": rows, "model_state": model_state,
             "total": model_state + activations}
 

@@ -31,7 +31,7 @@ from mokd.engine.run_lock import RunLock, check_run_directory
 from mokd.engine.runtime import (autocast, autocast_dtype, describe_precision, resolve_device, restore_rng_state,
                                  rng_state, seed_rng_for_rank, set_determinism)
 from mokd.engine.step_log import StepLog, feature_monitors
-from mokd.engine.strategies import build_strategy
+from mokd.engine.strategies import build_strategy, strategy_class
 from mokd.engine.train_data import TrainData
 from mokd.errors import MokdError, NonFiniteError, user_message
 from mokd.method.mokd import Centres, MOKDObjective, StepLosses, Temperatures, untimed
@@ -345,8 +345,7 @@ class Trainer:
     def load(self, directory: Path) -> None:
         meta = CheckpointManager.load_meta(directory)
         check_resume(meta["config"], meta["world_size"], self.config, self.world.world_size, str(directory))
-        saved_with = "deepspeed" if meta["strategy"] == "deepspeed" else "dcp"
-        loading_with = "deepspeed" if self.strategy.name == "deepspeed" else "dcp"
+        saved_with, loading_with = strategy_class(meta["strategy"]).checkpoint_format, self.strategy.checkpoint_format
         if saved_with != loading_with:
             raise CheckpointError(f"{directory} was written by parallel.strategy={meta['strategy']} ({saved_with} "
                                   f"format) and cannot be resumed with parallel.strategy={self.strategy.name}")

@@ -37,12 +37,14 @@ so ``teacher_logits.grad`` stays ``None`` even when the caller passes a tensor t
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from mokd.config import register_choices
 from mokd.kernels import native
+from mokd.registry import Registry
 
 try:
     import triton
@@ -57,7 +59,6 @@ except ImportError:  # CPU-only torch wheels (macOS, Windows) ship without Trito
         return fn
 
 
-IMPLS = ("auto", "triton", "native", "torch", "reference")
 PAIRINGS = ("dino", "one_to_one")
 
 
@@ -99,7 +100,7 @@ def _validate(
     impl: str,
 ) -> _Layout:
     if impl not in IMPLS:
-        raise ValueError(f"dino_cross_entropy: impl must be one of {IMPLS}, got {impl!r}")
+        raise ValueError(f"dino_cross_entropy: impl must be one of {', '.join(IMPLS.names())}, got {impl!r}")
     if pairing not in PAIRINGS:
         raise ValueError(f"dino_cross_entropy: pairing must be one of {PAIRINGS}, got {pairing!r}")
     if student_logits.dim() != 2 or teacher_logits.dim() != 2:
@@ -567,6 +568,49 @@ def _triton_usable(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
+# The implementations by name (loss.kernel, the `impl` argument): each takes (student logits, teacher logits,
+# centre or None, tau_s, tau_t, layout) after validation, the teacher logits and the centre detached.
+Implementation = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", float, float, _Layout],
+                          DinoCrossEntropyOutput]
+IMPLS: Registry[Implementation] = Registry("loss.kernel")
+register_choices(IMPLS.key, IMPLS.helps)
+
+
+@IMPLS.register("auto", "triton on CUDA, native on CPU when built, else torch")
+def _auto(student, teacher, centre, tau_s, tau_t, layout) -> DinoCrossEntropyOutput:
+    if student.is_cuda:
+        impl = "triton" if triton is not None else "torch"
+    else:
+        impl = "native" if student.device.type == "cpu" and native.available() else "torch"
+    return IMPLS.get(impl)(student, teacher, centre, tau_s, tau_t, layout)
+
+
+@IMPLS.register("triton", "fused Triton kernels, one read of the logits forward and one backward (CUDA)")
+def _triton(student, teacher, centre, tau_s, tau_t, layout) -> DinoCrossEntropyOutput:
+    if not _triton_usable(student):
+        raise ValueError(
+            "dino_cross_entropy: impl='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1 set before "
+            f"import); got {student.device} tensors, triton {'present' if triton else 'missing'}"
+        )
+    return DinoCrossEntropyOutput(*_TritonDinoCE.apply(student, teacher, centre, tau_s, tau_t, layout))
+
+
+@IMPLS.register("native", "fused C++ CPU operators (built by the install when a compiler is present)")
+def _native_impl(student, teacher, centre, tau_s, tau_t, layout) -> DinoCrossEntropyOutput:
+    return _native(student, teacher, centre, tau_s, tau_t, layout)
+
+
+@IMPLS.register("torch", "the log-sum-exp identity with an analytic backward in plain PyTorch")
+def _torch(student, teacher, centre, tau_s, tau_t, layout) -> DinoCrossEntropyOutput:
+    return DinoCrossEntropyOutput(*_TorchDinoCE.apply(student, teacher, centre, tau_s, tau_t, layout))
+
+
+@IMPLS.register("reference", "DINO's literal loop over (teacher view, student crop) pairs, for tests")
+def _reference_impl(student, teacher, centre, tau_s, tau_t, layout) -> DinoCrossEntropyOutput:
+    pairing = "dino" if layout.exclude_same else "one_to_one"
+    return _reference(student, teacher, centre, tau_s, tau_t, layout.batch, pairing)
+
+
 def dino_cross_entropy(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -590,29 +634,7 @@ def dino_cross_entropy(
     layout = _validate(
         student_logits, teacher_logits, centre, student_temperature, teacher_temperature, batch_size, pairing, impl
     )
-    if impl == "auto":
-        if student_logits.is_cuda:
-            impl = "triton" if triton is not None else "torch"
-        else:
-            impl = "native" if student_logits.device.type == "cpu" and native.available() else "torch"
-    if impl == "reference":
-        return _reference(
-            student_logits, teacher_logits, centre, student_temperature, teacher_temperature, batch_size, pairing
-        )
-    teacher = teacher_logits.detach()
     centre = None if centre is None else centre.detach()
-    if impl == "native":
-        return _native(student_logits, teacher, centre, student_temperature, teacher_temperature, layout)
-    if impl == "torch":
-        fn = _TorchDinoCE
-    else:
-        if not _triton_usable(student_logits):
-            raise ValueError(
-                "dino_cross_entropy: impl='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1 set before "
-                f"import); got {student_logits.device} tensors, triton {'present' if triton else 'missing'}"
-            )
-        fn = _TritonDinoCE
-    loss, column_sum, entropy = fn.apply(
-        student_logits, teacher, centre, float(student_temperature), float(teacher_temperature), layout
+    return IMPLS.get(impl)(
+        student_logits, teacher_logits.detach(), centre, float(student_temperature), float(teacher_temperature), layout
     )
-    return DinoCrossEntropyOutput(loss, column_sum, entropy)

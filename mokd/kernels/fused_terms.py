@@ -301,7 +301,7 @@ def fused_terms(student_logits: torch.Tensor, student_temperature: float, target
     any ``dino_cross_entropy`` impl, used per term. Raises ValueError as ``dino_cross_entropy`` does.
     """
     if impl not in IMPLS:
-        raise ValueError(f"fused_terms: impl must be one of {IMPLS}, got {impl!r}")
+        raise ValueError(f"fused_terms: impl must be one of {', '.join(IMPLS.names())}, got {impl!r}")
     if student_logits.dim() != 2:
         raise ValueError(f"fused_terms: student_logits must be 2-D, got {tuple(student_logits.shape)}")
     rows, k = student_logits.shape

@@ -9,7 +9,8 @@ import textwrap
 from pathlib import Path
 from typing import Optional
 
-from mokd.config import describe_options, list_presets, load_config, preset_text, reference_markdown, to_yaml
+from mokd.config import (allowed_values, choice_lines, describe_options, list_presets, load_config, preset_text,
+                         reference_markdown, to_yaml)
 from mokd.errors import ConfigError, MokdError, user_message
 
 DEFAULT_PRESET = "demo"
@@ -26,11 +27,24 @@ def preset_summary() -> str:
 
 
 def options_summary() -> str:
+    from mokd.launch import components  # noqa: F401  (the choices the components declare)
+
     lines = []
     for key, default, help_text in describe_options():
         lines.append(f"  {key}={default}")
-        lines.append(textwrap.indent(textwrap.fill(help_text, 88), " " * 6))
+        for text in [help_text, *choice_lines(allowed_values(key))]:
+            lines.append(textwrap.indent(textwrap.fill(text, 88), " " * 6))
     return "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Computes a callable epilog only when the help is shown: the train options' choices come from the
+    components, which commands that read no configuration never import."""
+
+    def format_help(self) -> str:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
 
 
 def _formatter(prog: str) -> argparse.HelpFormatter:
@@ -55,7 +69,7 @@ def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mokd", formatter_class=_formatter,
         description="MOKD: two vision models learn self-supervised together (CVPR 2023).",
         epilog="Run `mokd train --help` for every configuration option and preset.")
@@ -68,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model pair. Configuration: the schema defaults, then --preset, then key=value "
                     "overrides (unknown keys are refused). The resolved config is saved as RUN/config.yaml; "
                     "an existing run directory resumes from its newest complete checkpoint.",
-        epilog=f"presets (mokd/configs/*.yaml):\n{preset_summary()}\n\noptions (key=default):\n{options_summary()}")
+        epilog=lambda: f"presets (mokd/configs/*.yaml):\n{preset_summary()}\n\noptions (key=default):\n"
+                       f"{options_summary()}")
     train.add_argument("--preset", default=DEFAULT_PRESET, help=f"preset name or YAML path (default: {DEFAULT_PRESET})")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to RUN/)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=5")

@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from mokd.method.backbones import Backbone, BackboneOutput, patch_size
+from mokd.method.backbones import Backbone, BackboneOutput
 from mokd.method.heads import MLPHead, THead
 
 
@@ -80,7 +80,7 @@ class Network(nn.Module):
         self.grouped_crops = True
         self.thead: Optional[THead] = None
         if thead_dim is not None:
-            side = global_crop_size // patch_size(model_config)
+            side = global_crop_size // self.backbone.patch_size
             self.thead = THead(channels, head_config.out_dim, thead_dim, head_config.thead_depth,
                                head_config.thead_heads, head_config.thead_mlp_ratio, (side, side),
                                head_config.attention)

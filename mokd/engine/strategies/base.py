@@ -1,18 +1,10 @@
-"""The strategy interface, and `single`: one process, whole models, DCP checkpoints.
+"""The strategy interface (`Strategy`), what the strategies share (`StrategyBase`), and `single`.
 
 A strategy owns how each student is wrapped, how its gradients are synchronised and clipped, how its optimiser
 steps, how its teacher is kept (sharded exactly like the student, so the EMA touches local tensors only), and
-how both are written to and read from a checkpoint directory. The trainer sees only this interface:
-
-    setup(students, teachers, make_optimizer)      wrap; afterwards .students / .teachers are the callables
-    set_schedule(i, values, freeze_last_layer)     lr and wd per parameter-group schedule, before the step
-    backward(totals)                               one backward of L_1 + ... + L_N
-    prepare_gradients(i, clip, freeze_last_layer)  -> gradient norm of student i (unscaled, clipped)
-    apply_gradients(i, skip)                       optimiser step, or none (a non-finite step); gradients cleared
-    update_teachers(momenta)                       shard-local EMA, no collective
-    save(directory, background) / load(directory)  models and optimisers (the trainer adds the rest)
-    teacher_state_dicts()                          full teacher weights on rank 0 (evaluation, export)
-    memory_report()                                bytes per rank of parameters, gradients, optimiser state
+how both are written to and read from a checkpoint directory. The trainer sees only the `Strategy` protocol.
+`StrategyBase` keeps whole modules, one GradScaler per model and DCP checkpoints; `single` uses it as it is,
+`ddp` and `fsdp` change the wrapping (and FSDP2 the clipping), `deepspeed` most of it.
 """
 
 from __future__ import annotations
@@ -21,7 +13,7 @@ import contextlib
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NamedTuple, Optional, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -35,11 +27,75 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from mokd.engine.batchnorm import convert_to_global_batchnorm
 from mokd.engine.checkpoint import failure_message
 from mokd.engine.distributed import World
-from mokd.errors import CheckpointError
+from mokd.errors import CheckpointError, ConfigError
 from mokd.engine.optim import GroupValues, clip_gradients_, drop_last_layer_gradients_, set_schedule
 from mokd.kernels import EmaPlan, ema_per_tensor_
 
 OptimizerFactory = Callable[[nn.Module, int], torch.optim.Optimizer]
+
+
+class MemoryLayout(NamedTuple):
+    """How a strategy lays each model's state out over W ranks (`mokd plan` estimates from it)."""
+
+    label: str  # the plan's column name
+    sharded: tuple[bool, bool, bool, bool]  # student parameters, teacher parameters, gradients, optimiser state: / W
+    master_partition: bool = False  # fp32 master weights, partitioned (ZeRO)
+    gathers_units: bool = False  # one unit gathered whole at a time (parameters and gradients)
+    gradient_buckets: bool = False  # a second copy of the gradients (DDP's buckets)
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """What the trainer uses of a strategy (and `mokd plan`: memory_layout). The module attributes exist after
+    `setup`."""
+
+    name: str  # its parallel.strategy value, written into every checkpoint
+    checkpoint_format: str  # "dcp" or "deepspeed": a checkpoint resumes under any strategy of the same format
+    students: tuple  # what the step calls: the students as wrapped
+    teachers: tuple
+    networks: tuple  # the student modules themselves (parameters, last layers)
+    teacher_networks: tuple
+    optimizers: list
+    scalers: list  # one GradScaler per model (disabled unless fp16)
+
+    def setup(self, students, teachers, make_optimizer: OptimizerFactory) -> None:
+        """Wrap students and teachers and build one optimiser per student."""
+
+    def set_schedule(self, index: int, values: GroupValues, freeze_last_layer: bool) -> None:
+        """This step's lr and weight decay per parameter-group schedule of student `index`, before its step."""
+
+    def backward(self, totals: list[torch.Tensor]) -> None:
+        """One backward of L_1 + ... + L_N."""
+
+    def prepare_gradients(self, index: int, clip_grad: float, freeze_last_layer: bool) -> Optional[torch.Tensor]:
+        """Unscale and clip student `index`'s gradients: its gradient norm (None if only the step knows it)."""
+
+    def apply_gradients(self, index: int, skip: bool) -> tuple[Optional[torch.Tensor], bool]:
+        """The optimiser step of student `index`, or none (a non-finite step); gradients cleared. (The norm if
+        only the step knew it, whether the fp16 GradScaler skipped the step.)"""
+
+    def update_teachers(self, momenta: list[float]) -> None:
+        """The shard-local EMA of every teacher, no collective."""
+
+    def save(self, directory: Path, background: bool = False) -> Optional[Future]:
+        """Students, teachers and optimisers under `directory` (the trainer adds the rest); with `background`,
+        the future of the writing where the format can write in the background."""
+
+    def load(self, directory: Path) -> None:
+        """What `save` wrote (CheckpointError if it cannot be read)."""
+
+    def teacher_state_dicts(self) -> list[dict]:
+        """Full teacher weights on rank 0 (evaluation, export); every rank must call."""
+
+    def local_tensors(self, module: nn.Module) -> list[torch.Tensor]:
+        """The parameters of `module` as this rank holds them."""
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes this rank holds per component (parameters, optimiser state)."""
+
+    @classmethod
+    def memory_layout(cls, config) -> MemoryLayout:
+        """How this strategy would lay the models' state out under `config` (before anything is built)."""
 
 
 def convert_batchnorm(network: nn.Module, backend: str) -> nn.Module:
@@ -57,15 +113,27 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class Strategy:
-    """`single`: the students and teachers as they are; the base of `ddp` and `fsdp`."""
+class StrategyBase:
+    """Whole students and teachers, one GradScaler per model, DINO's per-parameter clipping, DCP checkpoints;
+    subclasses change the wrapping and whatever their wrappers do differently."""
 
-    name = "single"
+    name: str
+    checkpoint_format = "dcp"  # reshardable across world sizes and the strategies that keep it
+    students: tuple
+    teachers: tuple
+    networks: tuple
+    teacher_networks: tuple
+    optimizers: list
+    scalers: list
 
     def __init__(self, config, world: World, amp_dtype: Optional[torch.dtype]) -> None:
         self.config, self.world, self.amp_dtype = config, world, amp_dtype
         fp16 = amp_dtype == torch.float16
         self.scalers = [torch.amp.GradScaler(world.device.type, enabled=fp16) for _ in config.models]
+
+    @classmethod
+    def memory_layout(cls, config) -> MemoryLayout:
+        return MemoryLayout(cls.name, (False, False, False, False))
 
     # ---- wrapping ------------------------------------------------------------------------------
     def setup(self, students, teachers, make_optimizer: OptimizerFactory) -> None:
@@ -129,7 +197,7 @@ class Strategy:
             else:
                 ema_per_tensor_(targets, sources, momentum)
 
-    # ---- checkpoints: DCP (reshardable across world sizes and strategies single/ddp/fsdp) --------
+    # ---- checkpoints: DCP (reshardable across world sizes and the strategies of this format) -------
     def _dcp_state(self) -> dict:
         state = {}
         for i, (student, teacher, optimizer) in enumerate(zip(self.networks, self.teacher_networks, self.optimizers)):
@@ -202,6 +270,18 @@ class Strategy:
             "teacher_parameter_bytes": tensor_bytes(t for n in self.teacher_networks for t in self.local_tensors(n)),
             "optimizer_state_bytes": tensor_bytes(_local(value) for value in optimizer_state),
         }
+
+
+class SingleStrategy(StrategyBase):
+    """`single`: one process (CPU or one GPU), the modules as they are."""
+
+    name = "single"
+
+    def __init__(self, config, world: World, amp_dtype: Optional[torch.dtype]) -> None:
+        if world.distributed:
+            raise ConfigError(f"parallel.strategy=single but {world.world_size} processes were launched: choose "
+                              f"ddp, fsdp or deepspeed, or launch one process")
+        super().__init__(config, world, amp_dtype)
 
 
 @contextlib.contextmanager

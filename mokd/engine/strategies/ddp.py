@@ -11,11 +11,15 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from mokd.engine.strategies.base import Strategy, convert_batchnorm
+from mokd.engine.strategies.base import MemoryLayout, StrategyBase, convert_batchnorm
 
 
-class DDPStrategy(Strategy):
+class DDPStrategy(StrategyBase):
     name = "ddp"
+
+    @classmethod
+    def memory_layout(cls, config) -> MemoryLayout:
+        return MemoryLayout(cls.name, (False, False, False, False), gradient_buckets=True)
 
     def wrap(self, students, teachers):
         for network in (*students, *teachers):

@@ -17,7 +17,8 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from mokd.engine.strategies.base import Strategy, convert_batchnorm
+from mokd.engine.optim import clip_gradients_
+from mokd.engine.strategies.base import MemoryLayout, StrategyBase, convert_batchnorm
 
 
 class _ReshardingTeacher:
@@ -32,8 +33,12 @@ class _ReshardingTeacher:
         return output
 
 
-class FSDPStrategy(Strategy):
+class FSDPStrategy(StrategyBase):
     name = "fsdp"
+
+    @classmethod
+    def memory_layout(cls, config) -> MemoryLayout:
+        return MemoryLayout(cls.name, (True, True, True, True), gathers_units=True)
 
     def wrap(self, students, teachers):
         mesh = init_device_mesh(self.world.device.type, (self.world.world_size,))
@@ -55,13 +60,4 @@ class FSDPStrategy(Strategy):
 
     @torch.no_grad()
     def clip_gradients(self, network: nn.Module, max_norm: float) -> torch.Tensor:
-        grads = [p.grad.to_local() for p in network.parameters() if p.grad is not None]
-        if not grads:
-            return torch.zeros((), device=self.world.device)
-        squares = torch.stack([g.float().pow(2).sum() for g in grads])
-        dist.all_reduce(squares)  # per-parameter squared norms over all shards
-        norms = squares.sqrt()
-        if max_norm > 0:
-            scales = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_(grads, list(scales.unbind()))
-        return norms.norm()
+        return clip_gradients_(network, max_norm, sharded=True)

@@ -26,12 +26,20 @@ from torch import nn
 
 from mokd.engine.checkpoint import failure_message, load_teachers_file
 from mokd.engine.optim import GroupValues, set_schedule
-from mokd.engine.strategies.base import Strategy, convert_batchnorm, tensor_bytes
+from mokd.engine.strategies.base import MemoryLayout, StrategyBase, convert_batchnorm, tensor_bytes
 from mokd.errors import CheckpointError
 
 
-class DeepSpeedStrategy(Strategy):
+class DeepSpeedStrategy(StrategyBase):
     name = "deepspeed"
+    checkpoint_format = "deepspeed"  # each engine's own; resumes only under deepspeed
+
+    @classmethod
+    def memory_layout(cls, config) -> MemoryLayout:
+        """ZeRO-1 partitions the optimiser state, ZeRO-2 also the gradients, ZeRO-3 also the parameters."""
+        stage = config.parallel.zero_stage
+        return MemoryLayout(f"zero{stage}", (stage == 3, stage == 3, stage >= 2, True), master_partition=True,
+                            gathers_units=stage == 3)
 
     def _engine_config(self, clip_grad: float) -> dict:
         return {
