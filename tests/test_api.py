@@ -36,7 +36,7 @@ def test_train_from_python_refuses_a_bad_key_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="train.epoch"):
         mokd.train(preset="demo", overrides={"train.epoch": 1, "run_dir": str(tmp_path / "run")})
     assert not (tmp_path / "run").exists()
-    with pytest.raises(ConfigError, match="model1.backbone='resnet5' is not supported"):  # a component's check
+    with pytest.raises(ConfigError, match="model1.backbone='resnet5' is not one of resnet18"):  # a registry's choice
         mokd.train(preset="demo", overrides={"model1.backbone": "resnet5", "run_dir": str(tmp_path / "run")})
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="nope"):

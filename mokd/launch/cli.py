@@ -76,10 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     # The DeepSpeed launcher passes --local_rank=N before the sub-command; the rank is read from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
+    for add_command in (_add_train, _add_eval, _add_export, _add_convert_run, _add_shards, _add_plan, _add_bench,
+                        _add_presets_config):
+        add_command(commands)
+    return parser
 
+
+def _add_train(commands) -> None:
+    """`mokd train`: a run from the schema, a preset and overrides."""
     train = commands.add_parser(
-        "train", formatter_class=_formatter, help="train a pair, then score both teachers with k-NN",
-        description="Train a model pair. Configuration: the schema defaults, then --preset, then key=value "
+        "train", formatter_class=_formatter, help="train the models together, then score every teacher with k-NN",
+        description="Train two (or more: model3 ...) models together. Configuration: the schema defaults, then "
+                    "--preset, then key=value "
                     "overrides (unknown keys are refused). The resolved config is saved as RUN/config.yaml; "
                     "an existing run directory resumes from its newest complete checkpoint.",
         epilog=lambda: f"presets (mokd/configs/*.yaml):\n{preset_summary()}\n\noptions (key=default):\n"
@@ -88,24 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to RUN/)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=5")
 
+
+def _add_eval(commands) -> None:
+    """`mokd eval knn|linear|finetune|analyse`: the protocols on a finished run."""
     evaluate = commands.add_parser("eval", formatter_class=_formatter, help="evaluate a run's teacher backbones")
     protocols = evaluate.add_subparsers(dest="protocol", required=True)
     knn = protocols.add_parser(
-        "knn", formatter_class=_formatter, help="weighted k-NN (cosine, k=20, T=0.07) of both teachers",
-        description="k-NN top-1 of both teacher backbones of the newest checkpoint of a run that verifies, next "
+        "knn", formatter_class=_formatter, help="weighted k-NN (cosine, k=20, T=0.07) of every teacher",
+        description="k-NN top-1 of every teacher backbone of the newest checkpoint of a run that verifies, next "
                     "to the same networks untrained; written to RUN/results.json.")
     add_run_arguments(knn, "eval.knn_k=10")
 
     linear = protocols.add_parser(
-        "linear", formatter_class=_formatter, help="linear probe on both frozen teacher backbones",
-        description="DINO's linear probe on both frozen teacher backbones (ResNet: pooled features; ViT: CLS of "
+        "linear", formatter_class=_formatter, help="linear probe on every frozen teacher backbone",
+        description="DINO's linear probe on every frozen teacher backbone (ResNet: pooled features; ViT: CLS of "
                     "the last eval.linear_n_last_blocks blocks, optionally with the average patch token). "
                     "Features are extracted once without augmentation and the epochs run over the cached "
                     "features. Top-1 merged into RUN/results.json.")
     add_run_arguments(linear, "eval.linear_epochs=50")
 
     tune = protocols.add_parser(
-        "finetune", formatter_class=_formatter, help="fine-tune both backbones on a label subset",
+        "finetune", formatter_class=_formatter, help="fine-tune every backbone on a label subset",
         description="Fine-tune each teacher backbone with a linear head on a class-balanced subset of the "
                     "training labels (seeded by eval.subset_seed: the same subset every time), score on the "
                     "test split; merged into RUN/results.json.")
@@ -114,13 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     analyse = protocols.add_parser(
         "analyse", formatter_class=_formatter, help="prediction consistency, attention distance, t-SNE plots",
-        description="The paper's analyses of both teachers: prediction consistency of their k-NN predictions "
+        description="The paper's analyses of every teacher: prediction consistency of their k-NN predictions "
+                    "(every pair) "
                     "(and against --reference-run), mean attention distance per layer, t-SNE of the features. "
                     "PNGs in RUN/analysis/, images in RUN/tensorboard, numbers in RUN/results.json.")
     add_run_arguments(analyse, "eval.analysis_points=500")
     analyse.add_argument("--reference-run", type=Path, default=None,
                          help="another run on the same data (e.g. independently trained models of similar accuracy)")
 
+
+def _add_export(commands) -> None:
+    """`mokd export`: one teacher backbone as a timm or detectron2 checkpoint."""
     export = commands.add_parser(
         "export", formatter_class=_formatter, help="write a teacher backbone as a timm or detectron2 checkpoint",
         description="Write teacher backbone K (1 ... N) of a run's newest checkpoint that verifies: --format timm, a "
@@ -133,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, type=Path, help="output file")
     add_checkpoint_argument(export)
 
+
+def _add_convert_run(commands) -> None:
+    """`mokd convert-run`: older run directories rewritten in the safe format."""
     convert = commands.add_parser(
         "convert-run", formatter_class=_formatter, help="rewrite an older run directory's checkpoints safely",
         description="mokd reads its checkpoint files as tensors and plain values only (torch.load with "
@@ -143,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--trust", action="store_true",
                          help="you wrote this run directory (or trust whoever did): unpickling it may run code")
 
+
+def _add_shards(commands) -> None:
+    """`mokd shards`: WebDataset tar shards and their manifest."""
     shards = commands.add_parser(
         "shards", formatter_class=_formatter, help="write WebDataset tar shards and their manifest",
         description="Write OUT/PREFIX-NNNNNN.tar shards (image bytes as stored + class index) and OUT/manifest.json "
@@ -161,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--limit", type=int, default=0, help="write only this many samples (after shuffling)")
     shards.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
 
+
+def _add_plan(commands) -> None:
+    """`mokd plan`: memory per rank before a run."""
     plan = commands.add_parser(
         "plan", formatter_class=_formatter, help="memory per rank for a preset under each strategy",
         description="Estimate the memory each rank needs for a preset: parameters, gradients, optimiser state "
@@ -175,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where the run will train (sets the autocast dtype of train.precision=auto)")
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. train.batch_size=32")
 
-    bench = commands.add_parser("bench", formatter_class=_formatter, help="profile the training step of a pair")
+
+def _add_bench(commands) -> None:
+    """`mokd bench throughput`: the training step profiled."""
+    bench = commands.add_parser("bench", formatter_class=_formatter, help="profile the training step of a preset")
     benches = bench.add_subparsers(dest="bench", required=True)
     throughput = benches.add_parser(
         "throughput", formatter_class=_formatter, help="images/s, step breakdown, peak memory, MFU per mode",
@@ -208,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_argument("--trace", type=Path, default=None, help="write a Chrome/Perfetto trace per mode here")
     throughput.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.n_local_crops=6")
 
+
+def _add_presets_config(commands) -> None:
+    """`mokd presets` and `mokd config`: what ships, and a resolved configuration."""
     commands.add_parser("presets", help="list the presets")
     config = commands.add_parser(
         "config", formatter_class=_formatter, help="print a resolved configuration, or the configuration reference",
@@ -216,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--preset", default=DEFAULT_PRESET, help=f"preset name or YAML path (default: {DEFAULT_PRESET})")
     config.add_argument("--markdown", action="store_true", help="print the configuration reference as Markdown")
     config.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=5")
-    return parser
+
 
 
 def bench_command(args: argparse.Namespace) -> int:
