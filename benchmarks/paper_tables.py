@@ -34,6 +34,8 @@ from functools import partial
 from pathlib import Path
 from typing import Optional
 
+from mokd.config import LOSS_TERM_TABLE
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "paper_tables"
 RECORDS = RESULTS / "records"
@@ -74,20 +76,19 @@ TUNED = {
 
 # Loss configurations: which of L_sm, L_cm, L_st, L_ct each model minimises. "dino" trains each model alone
 # (L_sm only: no gradient or target crosses between the models), i.e. independent DINO of both models.
-LOSSES = {
-    "dino": ["loss.self_thead=false", "loss.cross_mlp=false", "loss.cross_search=false"],
-    "sm+cm": ["loss.self_thead=false", "loss.cross_search=false"],
-    "sm+cm+st": ["loss.cross_search=false"],
-    "sm+ct": ["loss.self_thead=false", "loss.cross_mlp=false"],
-    "sm+st": ["loss.cross_mlp=false", "loss.cross_search=false"],
-    "mokd": [],
-}
+def only(*names: str) -> list[str]:
+    """The loss switches that keep just these terms of the loss-term table, for every model."""
+    return [f"loss.{term.switch}=false" for term in LOSS_TERM_TABLE if term.name not in names]
+
+
+LOSSES = {"dino": only("sm"), "sm+cm": only("sm", "cm"), "sm+cm+st": only("sm", "cm", "st"), "sm+ct": only("sm", "ct"),
+          "sm+st": only("sm", "st"), "mokd": only(*(term.name for term in LOSS_TERM_TABLE))}
 
 # The ViT of the CNN-ViT pair learns less under MOKD than under DINO at this scale because of its T-Head terms
 # (recipe_search.py, vit3-* records: validation, 3 epochs, seeds 0 and 1; ViT k-NN DINO 62.6 / 62.6, MOKD 56.3 /
 # 57.6, the ViT on L_sm + L_cm 61.7 / 64.2 with the ResNet at 71.5 / 74.5 against DINO's 65.1 / 69.6). Table 1
 # therefore has a second MOKD row for that pair: the ResNet on all four terms, the ViT on L_sm and L_cm.
-VIT_WITHOUT_THEAD_TERMS = ["model2.term_weights.st=0", "model2.term_weights.ct=0"]
+VIT_WITHOUT_THEAD_TERMS = [f"model2.term_weights.{term.name}=0" for term in LOSS_TERM_TABLE if term.head == "thead"]
 TABLE1_VARIANTS = {"cnn_vit": ("dino", "mokd", "mokd-vit-sm-cm"), "cnn_cnn": ("dino", "mokd"),
                    "vit_vit": ("dino", "mokd")}
 VARIANT_OVERRIDES = {**LOSSES, "mokd-vit-sm-cm": [*LOSSES["mokd"], *VIT_WITHOUT_THEAD_TERMS]}

@@ -56,3 +56,21 @@ def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int
 def linear_then_constant(start: float, end: float, total_steps: int, warmup_steps: int) -> list[float]:
     """start + (end - start) t / warmup_steps during the warm-up, end after it (teacher temperature)."""
     return [start + (end - start) * t / warmup_steps if t < warmup_steps else end for t in range(total_steps)]
+
+
+def assert_timm_export_round_trips(run_dir: Path, number: int, out: Path) -> None:
+    """`mokd export --model K --format timm` writes a state dict that loads with strict=True into the stock timm
+    model and computes the same features as the run's teacher backbone K (16 px, one channel: the tests' runs)."""
+    import torch
+
+    from mokd.eval.export import stock_timm_model
+    from mokd.eval.run_evaluation import load_run
+    from mokd.launch.cli import main
+
+    assert main(["export", "--run", str(run_dir), "--model", str(number), "--format", "timm", "--out", str(out)]) == 0
+    config, teachers, _ = load_run(run_dir)
+    stock = stock_timm_model(config.models[number - 1], 1, 16).eval()
+    stock.load_state_dict(torch.load(out), strict=True)
+    images = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(stock(images), teachers[number - 1].backbone.eval()(images).pooled)

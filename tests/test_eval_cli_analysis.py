@@ -7,14 +7,12 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from helpers import assert_timm_export_round_trips
 from literal_eval import agreement, literal_run_predictions
 from mokd.config import load_config
-from mokd.eval.export import stock_timm_model
-from mokd.eval.run_evaluation import load_run
 from mokd.launch.cli import main
 
 TINY_RUN = [
@@ -99,14 +97,7 @@ def test_eval_linear_finetune_and_analyse_commands(trained_run, capsys):
 
 
 def test_export_command_round_trips_through_the_stock_model(trained_run, tmp_path):
-    out = tmp_path / "model2.pth"
-    assert main(["export", "--run", str(trained_run), "--model", "2", "--format", "timm", "--out", str(out)]) == 0
-    config, teachers, _ = load_run(trained_run)
-    stock = stock_timm_model(config.model2, 1, 16).eval()
-    stock.load_state_dict(torch.load(out), strict=True)
-    images = torch.randn(2, 1, 16, 16)
-    with torch.no_grad():
-        assert torch.equal(stock(images), teachers[1].backbone.eval()(images).pooled)
+    assert_timm_export_round_trips(trained_run, 2, tmp_path / "model2.pth")
 
     d2 = tmp_path / "model1.pkl"
     assert main(["export", "--run", str(trained_run), "--model", "1", "--format", "detectron2", "--out", str(d2)]) == 0

@@ -8,15 +8,13 @@ import json
 import pickle
 
 import pytest
-import torch
 
-from helpers import TINY_RESNET, TINY_VIT, model_overrides, tiny_config
+from helpers import TINY_RESNET, TINY_VIT, assert_timm_export_round_trips, model_overrides, tiny_config
 from literal_eval import agreement, literal_run_predictions
 from mokd.config import load_config, save_config, to_yaml
 from mokd.engine.resume_check import check_resume
 from mokd.errors import ConfigError
-from mokd.eval.export import stock_timm_model
-from mokd.eval.run_evaluation import format_table, load_run
+from mokd.eval.run_evaluation import format_table
 from mokd.launch.cli import main
 from mokd.method.models import thead_schedule_source
 
@@ -108,14 +106,7 @@ def test_three_models_train_evaluate_and_analyse(three_model_run, capsys):
 
 
 def test_three_models_export_any_model_and_refuse_a_missing_one(three_model_run, tmp_path, capsys):
-    out = tmp_path / "model3.pth"
-    assert main(["export", "--run", str(three_model_run), "--model", "3", "--format", "timm", "--out", str(out)]) == 0
-    config, teachers, _ = load_run(three_model_run)
-    stock = stock_timm_model(config.model3, 1, 16).eval()
-    stock.load_state_dict(torch.load(out), strict=True)
-    images = torch.randn(2, 1, 16, 16)
-    with torch.no_grad():
-        assert torch.equal(stock(images), teachers[2].backbone.eval()(images).pooled)
+    assert_timm_export_round_trips(three_model_run, 3, tmp_path / "model3.pth")
     assert main(["export", "--run", str(three_model_run), "--model", "4", "--format", "timm",
                  "--out", str(tmp_path / "none.pth")]) == 2
     assert "--model 4" in capsys.readouterr().err
