@@ -21,14 +21,15 @@ from test_kernels_dino_ce import TAU_S, TAU_T, case_seed, literal_dino64
 # pairings, centred and Sinkhorn-Knopp targets, a one_to_one term on a row subset (L_ct's local crops).
 CASES = [
     (4, 2, 257, [(2, "dino", True, False, 0, 1.0), (2, "dino", True, False, 0, 0.7)]),
-    # three models: L_sm and an L_cm per other teacher read h_i (Triton: two terms a pass, then one)
-    (4, 1, 129, [(2, "dino", True, False, 0, 1.0), (2, "dino", True, False, 0, 0.35),
-                 (2, "dino", False, True, 0, 0.5)]),
     (4, 1, 301, [(2, "dino", False, True, 0, 1.0), (2, "one_to_one", False, False, 2, 0.5)]),
     (3, 2, 129, [(2, "dino", True, False, 0, 1.3)]),
     (2, 1, 37, [(1, "one_to_one", False, False, 0, 1.0), (2, "dino", False, True, 0, 0.25)]),
     (12, 1, 1500, [(2, "dino", True, False, 0, 1.0), (2, "dino", True, False, 0, 0.5)]),
 ]
+# three models: L_sm and an L_cm per other teacher read h_i (Triton: two terms a pass, then one)
+THREE_TERMS = (4, 1, 129, [(2, "dino", True, False, 0, 1.0), (2, "dino", True, False, 0, 0.35),
+                           (2, "dino", False, True, 0, 0.5)])
+CASES.append(THREE_TERMS)
 
 
 def literal_sinkhorn64(teacher, tau, iterations=3):
@@ -99,7 +100,7 @@ def check_fused_terms(case, impl, dtype=torch.float32, device="cpu", seed=0, tol
     assert not out.losses.requires_grad and all(t.teacher.grad is None for t in targets)
 
 
-@pytest.mark.parametrize("case", CASES[:4], ids=lambda c: f"S{c[0]}B{c[1]}K{c[2]}x{len(c[3])}")
+@pytest.mark.parametrize("case", [*CASES[:4], THREE_TERMS], ids=lambda c: f"S{c[0]}B{c[1]}K{c[2]}x{len(c[3])}")
 def test_fused_terms_torch_matches_literal(case):
     check_fused_terms(case, "torch", dtype=torch.float64, seed=case_seed(case, "torch"), tol=1e-10)
 
