@@ -391,7 +391,8 @@ def schema_for(n_models: int) -> type:
         raise ConfigError(f"a run needs at least {MIN_MODELS} models (model1, model2), got {n_models}")
     if n_models == MIN_MODELS:
         return MOKDConfig
-    extra = [(f"model{k}", ModelConfig, section(ModelConfig, f"model {k}")) for k in range(MIN_MODELS + 1, n_models + 1)]
+    extra = [(f"model{k}", ModelConfig, section(ModelConfig, f"model {k}"))
+             for k in range(MIN_MODELS + 1, n_models + 1)]
     schema = make_dataclass(f"MOKDConfig{n_models}", extra, bases=(MOKDConfig,))
     schema.__module__ = __name__
     return schema

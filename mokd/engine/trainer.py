@@ -4,7 +4,8 @@
     -> one backward of L_1 + ... + L_N -> per model: clip, freeze last layers (first epoch), optimiser step
     -> shard-local EMA of the teachers -> move the centres with the global batch's statistics
 
-How the students are wrapped, synchronised and checkpointed is the strategy's business (engine/strategies).
+How the students are wrapped, synchronised and checkpointed is the strategy's business (engine/strategies); what
+else a checkpoint holds, RunState's (engine/run_state.py).
 """
 
 from __future__ import annotations
@@ -16,24 +17,21 @@ from typing import Optional
 
 import torch
 
-from mokd.config import MOKDConfig, save_config, to_yaml
+from mokd.config import MOKDConfig, save_config
+from mokd.engine.checkpoint import CheckpointError, CheckpointManager
 from mokd.engine.collapse_watch import CollapseWatch
-from mokd.engine.checkpoint import (META_FILE, RNG_DIR, TEACHERS_FILE, CheckpointError, CheckpointManager, Finish,
-                                   read_checkpoint_file, save_torch)
-from mokd.engine.distributed import (CentreSync, World, all_gather_objects, all_reduce_sum, broadcast_object,
-                                     collective, init_world)
-from mokd.engine.guard import StepJudge, non_finite_module
+from mokd.engine.distributed import CentreSync, World, all_reduce_sum, broadcast_object, collective, init_world
+from mokd.engine.guard import StepJudge
 from mokd.engine.metrics import MetricsLogger
 from mokd.engine.optim import build_optimizer
 from mokd.engine.perf import apply_perf
-from mokd.engine.resume_check import check_resume
 from mokd.engine.run_lock import RunLock, check_run_directory
-from mokd.engine.runtime import (autocast, autocast_dtype, describe_precision, resolve_device, restore_rng_state,
-                                 rng_state, seed_rng_for_rank, set_determinism)
+from mokd.engine.run_state import RunState
+from mokd.engine.runtime import autocast, autocast_dtype, describe_precision, resolve_device, set_determinism
 from mokd.engine.step_log import StepLog, feature_monitors
-from mokd.engine.strategies import build_strategy, strategy_class
+from mokd.engine.strategies import build_strategy
 from mokd.engine.train_data import TrainData
-from mokd.errors import MokdError, NonFiniteError, user_message
+from mokd.errors import MokdError, user_message
 from mokd.method.mokd import Centres, MOKDObjective, StepLosses, Temperatures, untimed
 from mokd.method.models import build_models, build_network, thead_schedule_source
 from mokd.method.network import Network
@@ -42,7 +40,7 @@ from mokd.method.schedules import ModelSchedules
 
 class Trainer:
     """A run: its components (data, models and their strategy, objective, schedules, centres, step judge, log,
-    checkpoints), built and checked before anything is written, then `train()`."""
+    run state for checkpoints), built and checked before anything is written, then `train()`."""
 
     def __init__(self, config: MOKDConfig, show_progress: bool = True) -> None:
         self.config = config
@@ -89,6 +87,7 @@ class Trainer:
         self.collapse_watch = CollapseWatch(config.head.out_dim, config.train.warn_feature_cosine_gap,
                                             config.train.warn_feature_rank_fraction,
                                             config.train.warn_entropy_fraction)
+        self.state = RunState(config, self.world, self.strategy, self.centres, self.collapse_watch, self.data)
         self.step = 0
         self.lock = RunLock(self.run_dir)
         self.open_run()
@@ -289,81 +288,13 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save(self) -> Path:
-        """Collective: students, teachers and optimisers through the strategy, the rest here. Weights that are not
-        all finite are never written (NonFiniteError), so every kept checkpoint can be resumed.
-        With checkpoint.async_save the files are written in the background from CPU copies taken now."""
+        """Collective: a checkpoint of the run at this step (RunState; the strategy writes the models)."""
         with collective("checkpoint"):
-            self.check_finite_weights()
-            return self.checkpoints.save(self.step, self.checkpoint_writer(), self.world.is_main)
-
-    def check_finite_weights(self) -> None:
-        modules = {}
-        for which, (student, teacher) in enumerate(zip(self.strategy.networks, self.strategy.teacher_networks), 1):
-            modules[f"model{which} student"] = self.strategy.local_tensors(student)
-            modules[f"model{which} teacher"] = self.strategy.local_tensors(teacher)
-        modules["centres"] = [self.centres.values]
-        bad = next((name for name in all_gather_objects(non_finite_module(modules)) if name), None)
-        if bad is not None:
-            raise NonFiniteError(f"step {self.step}: the {bad} holds non-finite values; checkpoint "
-                                 f"step_{self.step:08d} was not written, the newest kept one is "
-                                 f"{getattr(self.checkpoints.latest(), 'name', 'none')}")
-
-    def checkpoint_writer(self):
-        """write(directory) for CheckpointManager.save: the teachers are gathered here, on every rank."""
-        background = self.config.checkpoint.async_save
-        teachers = self.strategy.teacher_state_dicts()
-        if background and self.world.is_main:  # training goes on and changes the teachers in place
-            teachers = [{key: value.detach().clone() for key, value in state.items()} for state in teachers]
-
-        def write(directory: Path) -> Finish:
-            writing = self.strategy.save(directory, background)
-            (directory / RNG_DIR).mkdir(exist_ok=True)
-            save_torch(rng_state(), directory / RNG_DIR / f"rank_{self.world.rank}.pt")
-            if self.world.is_main:
-                save_torch({
-                    "step": self.step,
-                    "data_position": self.data.position(self.step),
-                    "centres": self.centres.values.detach().cpu(),
-                    "world_size": self.world.world_size,
-                    "strategy": self.strategy.name,
-                    "config": to_yaml(self.config),
-                    "collapse_step0": dict(self.collapse_step0),
-                }, directory / META_FILE)
-            if writing is None:
-                if self.world.is_main:
-                    save_torch(teachers, directory / TEACHERS_FILE)
-                return None
-
-            def finish() -> None:
-                writing.result()
-                if self.world.is_main:
-                    save_torch(teachers, directory / TEACHERS_FILE)
-            return finish
-
-        return write
+            self.state.check_finite(self.step, getattr(self.checkpoints.latest(), "name", None))
+            return self.checkpoints.save(self.step, self.state.writer(self.step), self.world.is_main)
 
     def load(self, directory: Path) -> None:
-        meta = CheckpointManager.load_meta(directory)
-        check_resume(meta["config"], meta["world_size"], self.config, self.world.world_size, str(directory))
-        saved_with, loading_with = strategy_class(meta["strategy"]).checkpoint_format, self.strategy.checkpoint_format
-        if saved_with != loading_with:
-            raise CheckpointError(f"{directory} was written by parallel.strategy={meta['strategy']} ({saved_with} "
-                                  f"format) and cannot be resumed with parallel.strategy={self.strategy.name}")
-        rng_file = directory / RNG_DIR / f"rank_{self.world.rank}.pt"
-        if self.world.rank < meta["world_size"] and not rng_file.exists():
-            raise CheckpointError(f"checkpoint file {rng_file} is missing: rank {self.world.rank} of the "
-                                  f"{meta['world_size']} that wrote {directory.name} saved its RNG state there, and "
-                                  f"re-seeding would make a different run")
-        with collective("checkpoint load"):
-            self.strategy.load(directory)
-        self.centres.values.copy_(meta["centres"])
-        # (checkpoints written before the key existed: measured again at the first step after the resume)
-        self.collapse_watch.set_baseline(meta.get("collapse_step0", {}))
-        if rng_file.exists():
-            restore_rng_state(read_checkpoint_file(rng_file))
-        else:  # a rank the saving run did not have (resumed on more processes)
-            seed_rng_for_rank(self.config.train.seed, meta["step"], self.world.rank)
-        self.step = meta["step"]
+        self.step = self.state.load(directory)
 
     def gathered_teachers(self) -> tuple[Network, ...] | None:
         """Every teacher as plain, whole networks on this rank's device (rank 0; None elsewhere): what the
