@@ -17,7 +17,8 @@ from mokd.launch.cli import main
 
 TINY_RUN = [
     "model1.backbone=resnet18", "model1.small_image=true", "model1.width=8",
-    "model2.backbone=vit_tiny_patch16_224", "model2.small_image=true", "model2.width=32", "model2.depth=2",
+    "model2.backbone=vit_tiny_patch16_224", "model2.zero_init_last_bn=false",  # (the demo preset's ResNet setting)
+    "model2.small_image=true", "model2.width=32", "model2.depth=2",
     "model2.num_heads=2", "head.out_dim=64", "head.mlp_hidden_dim=32", "head.mlp_bottleneck_dim=16",
     "head.thead_dim=32", "head.thead_depth=1", "head.thead_heads=2", "data.source=synthetic",
     "data.synthetic_size=16", "data.synthetic_image_size=16", "data.synthetic_channels=1",
