@@ -77,6 +77,13 @@ def _torch_student_grads(xa, wa, lse_s, a, tau_s, widest):
 
 
 @_jit
+def _load_rows(ptr, index, index_mask, dims, dim_mask, D):
+    """Rows `index` of a row-major [*, D] matrix, padded to D_PAD columns with zeros, in float32."""
+    return tl.load(ptr + index[:, None].to(tl.int64) * D + dims[None, :],
+                   mask=index_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
+
+
+@_jit
 def _head_rows_kernel(x_ptr, w_ptr, lse_ptr, a_ptr, grad_x_ptr, R, K, D, inv_tau_s,
                       BACKWARD: tl.constexpr, NEG_BIG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                       D_PAD: tl.constexpr):
@@ -86,8 +93,7 @@ def _head_rows_kernel(x_ptr, w_ptr, lse_ptr, a_ptr, grad_x_ptr, R, K, D, inv_tau
     row_mask = rows < R
     dims = tl.arange(0, D_PAD)
     dim_mask = dims < D
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * D + dims[None, :],
-                mask=row_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
+    x = _load_rows(x_ptr, rows, row_mask, dims, dim_mask, D)
     if BACKWARD:
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
         a = tl.load(a_ptr + rows, mask=row_mask, other=0.0)
@@ -98,8 +104,7 @@ def _head_rows_kernel(x_ptr, w_ptr, lse_ptr, a_ptr, grad_x_ptr, R, K, D, inv_tau
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
-        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * D + dims[None, :],
-                    mask=col_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
+        w = _load_rows(w_ptr, cols, col_mask, dims, dim_mask, D)
         s = tl.dot(x, tl.trans(w), input_precision="ieee") * inv_tau_s
         if BACKWARD:
             q = tl.where(col_mask[None, :], tl.exp(s - lse[:, None]) * a[:, None], 0.0)
@@ -124,14 +129,12 @@ def _head_columns_kernel(x_ptr, w_ptr, lse_ptr, a_ptr, grad_w_ptr, R, K, D, inv_
     col_mask = cols < K
     dims = tl.arange(0, D_PAD)
     dim_mask = dims < D
-    w = tl.load(w_ptr + cols[:, None].to(tl.int64) * D + dims[None, :],
-                mask=col_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
+    w = _load_rows(w_ptr, cols, col_mask, dims, dim_mask, D)
     grad = tl.zeros([BLOCK_K, D_PAD], dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         row_mask = rows < R
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * D + dims[None, :],
-                    mask=row_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
+        x = _load_rows(x_ptr, rows, row_mask, dims, dim_mask, D)
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
         a = tl.load(a_ptr + rows, mask=row_mask, other=0.0)  # 0 for padded rows: they add nothing
         s = tl.dot(x, tl.trans(w), input_precision="ieee") * inv_tau_s
