@@ -15,7 +15,7 @@ import re
 from importlib.resources import files
 from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -376,10 +376,15 @@ MIN_MODELS = 2
 MODEL_SECTION = re.compile(r"model([1-9][0-9]*)")
 
 
+def model_sections(names: Iterable[str]) -> list[str]:
+    """The modelK names among `names` (once each), in the order of K."""
+    return sorted({name for name in names if MODEL_SECTION.fullmatch(str(name))},
+                  key=lambda name: int(MODEL_SECTION.fullmatch(name).group(1)))
+
+
 def model_count(config: Any) -> int:
     """N: the number of modelK sections of a config object, schema class or mapping."""
-    names = ([item.name for item in fields(config)] if is_dataclass(config) else list(config))
-    return sum(1 for name in names if MODEL_SECTION.fullmatch(str(name)))
+    return len(model_sections([item.name for item in fields(config)] if is_dataclass(config) else config))
 
 
 @functools.lru_cache(maxsize=None)
@@ -601,10 +606,10 @@ def to_yaml(config: MOKDConfig) -> str:
     not after the sections of the base)."""
     tree = OmegaConf.to_container(OmegaConf.structured(config))
     names = list(tree)
-    models = [name for name in names if MODEL_SECTION.fullmatch(name)]
+    models = model_sections(names)
     rest = [name for name in names if name not in models]
     at = names.index("model1")
-    order = [*rest[:at], *sorted(models, key=lambda name: int(name[len("model"):])), *rest[at:]]
+    order = [*rest[:at], *models, *rest[at:]]
     return OmegaConf.to_yaml({name: tree[name] for name in order})
 
 

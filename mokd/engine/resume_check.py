@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mokd.config import MODEL_SECTION, MOKDConfig, to_yaml
+from mokd.config import MOKDConfig, model_sections, to_yaml
 from mokd.errors import ConfigError
 
 SHAPE_KEYS = (
@@ -47,8 +47,7 @@ def _values(yaml_text: str) -> dict[str, Any]:
 
 
 def _model_sections(values: dict[str, Any]) -> list[str]:
-    return sorted({key.split(".")[0] for key in values if MODEL_SECTION.fullmatch(key.split(".")[0])},
-                  key=lambda name: int(name[len("model"):]))
+    return model_sections(key.split(".")[0] for key in values)
 
 
 def check_resume(saved_yaml: str, saved_world_size: int, config: MOKDConfig, world_size: int,

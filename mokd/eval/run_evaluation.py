@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
-from mokd.config import MODEL_SECTION, MOKDConfig, load_config
+from mokd.config import MOKDConfig, load_config, model_sections
 from mokd.data import EvalTransform, build_eval_loader, data_statistics, dataset_for, limit_size, num_classes
 from mokd.engine.checkpoint import CheckpointManager, load_teachers_file
 from mokd.engine.runtime import resolve_device
@@ -273,7 +273,7 @@ def format_analysis(analysis: dict) -> str:
 def format_table(results: dict) -> str:
     """Every model's scores as a text table: k-NN (untrained, trained, gain), then whichever of the linear
     probe and the fine-tuning results the run has."""
-    models = sorted((key for key in results if MODEL_SECTION.fullmatch(key)), key=lambda key: int(key[len("model"):]))
+    models = model_sections(results)
     extra = sorted({key for model in models for key in results[model]
                     if key == "linear_top1" or key.startswith("finetune_")})
     lines = []
