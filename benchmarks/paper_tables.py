@@ -97,9 +97,14 @@ LOSSES = {"dino": only("sm"), "sm+cm": only("sm", "cm"), "sm+cm+st": only("sm", 
 # 57.6, the ViT on L_sm + L_cm 61.7 / 64.2 with the ResNet at 71.5 / 74.5 against DINO's 65.1 / 69.6). Table 1
 # therefore has a second MOKD row for that pair: the ResNet on all four terms, the ViT on L_sm and L_cm.
 VIT_WITHOUT_THEAD_TERMS = [f"model2.term_weights.{term.name}=0" for term in LOSS_TERM_TABLE if term.head == "thead"]
-TABLE1_VARIANTS = {"cnn_vit": ("dino", "mokd", "mokd-vit-sm-cm"), "cnn_cnn": ("dino", "mokd"),
-                   "vit_vit": ("dino", "mokd")}
-VARIANT_OVERRIDES = {**LOSSES, "mokd-vit-sm-cm": [*LOSSES["mokd"], *VIT_WITHOUT_THEAD_TERMS]}
+# The T-Head's terms send 6-7 times L_sm's gradient into the ViT's last block at step 0, orthogonal to it
+# (benchmarks/term_gradients.py): its logits are a LayerNorm output's mean against the MLP-Head's unit vector. A
+# third MOKD row L2-normalises the T-Head's output as the MLP-Head does (head.thead_l2_normalise).
+THEAD_L2 = ["head.thead_l2_normalise=true"]
+TABLE1_VARIANTS = {"cnn_vit": ("dino", "mokd", "mokd-l2", "mokd-vit-sm-cm"), "cnn_cnn": ("dino", "mokd", "mokd-l2"),
+                   "vit_vit": ("dino", "mokd", "mokd-l2")}
+VARIANT_OVERRIDES = {**LOSSES, "mokd-vit-sm-cm": [*LOSSES["mokd"], *VIT_WITHOUT_THEAD_TERMS],
+                     "mokd-l2": [*LOSSES["mokd"], *THEAD_L2]}
 
 # Table 8: the presets' weights are lambda_1 = 0.1 (the stronger model) and lambda_2 = 1.0; each row varies one.
 LAMBDAS = {"lam1=0": ["model1.cross_weight=0.0"], "lam1=1": ["model1.cross_weight=1.0"],
@@ -136,7 +141,7 @@ def grid() -> list[RunSpec]:
         return [RunSpec(pair, variant, seed, tuple(VARIANT_OVERRIDES[variant]))
                 for seed in SEEDS for pair in PAIRS for variant in TABLE1_VARIANTS[pair] if variant in variants]
 
-    runs = table1(("dino", "mokd")) + table1(("mokd-vit-sm-cm",))
+    runs = table1(("dino", "mokd", "mokd-l2")) + table1(("mokd-vit-sm-cm",))
     runs += ablations(0) + ablations(1) + ablations(2)
     return runs + [RunSpec(pair, "mokd-long", 0, tuple(LONG)) for pair in PAIRS]
 

@@ -177,6 +177,10 @@ class HeadConfig:
     thead_depth: int = option(3, "T-Head transformer blocks", AT_LEAST_ONE)
     thead_heads: int = option(6, "T-Head attention heads", AT_LEAST_ONE)
     thead_mlp_ratio: float = option(4.0, "T-Head MLP ratio", POSITIVE)
+    thead_l2_normalise: bool = option(False, "L2-normalise the T-Head's pooled output before its weight-normalised "
+                                      "last layer, as the MLP-Head does (the official T-Head does not: its logits "
+                                      "reach the norm of a LayerNorm output, about sqrt(D), and its terms' "
+                                      "gradients dwarf L_sm's in the backbone)")
     attention: str = option("sdpa", "attention implementation of the T-Head")
 
 

@@ -90,6 +90,31 @@ def test_thead_width_is_the_vits_and_the_vit_needs_no_projection(tmp_path):
     assert thead_width(tiny_config(tmp_path, TINY_RESNET, TINY_RESNET, extra=["head.thead_dim=null"])) == 384
 
 
+def test_thead_l2_normalise_puts_the_logits_on_the_mlp_heads_scale(tmp_path):
+    """head.thead_l2_normalise: the mean of the T-Head's output tokens is divided by its norm before the last layer
+    (checked in float64 against the same weights without the option); the official head is unchanged by default."""
+    torch.manual_seed(0)
+    official = build_models(tiny_config(tmp_path), in_chans=1)[0][1]
+    torch.manual_seed(0)
+    normalised = build_models(tiny_config(tmp_path, extra=["head.thead_l2_normalise=true"]), in_chans=1)[0][1]
+    for module in (official, normalised):
+        module.double().eval()
+    tokens = torch.randn(5, 16, official.backbone.num_features, dtype=torch.float64) * 3.0
+    grid = (4, 4)
+    pooled = official.thead(tokens, grid, logits=False)
+    assert pooled.norm(dim=-1).min() > 1.1  # the mean of LayerNorm outputs: not of unit norm
+    pooled = pooled.detach().numpy()
+    direction = pooled / np.sqrt((pooled ** 2).sum(axis=1, keepdims=True))
+    weight_v = official.thead.last_layer.weight_v.detach().numpy()
+    weight_g = official.thead.last_layer.weight_g.detach().numpy().reshape(-1, 1)
+    weight = weight_g * weight_v / np.sqrt((weight_v ** 2).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(normalised.thead(tokens, grid, logits=False).detach().numpy(), direction, rtol=1e-10)
+    np.testing.assert_allclose(normalised.thead(tokens, grid).detach().numpy(), direction @ weight.T, rtol=1e-9,
+                               atol=1e-12)
+    np.testing.assert_allclose(official.thead(tokens, grid).detach().numpy(), pooled @ weight.T,
+                               rtol=1e-9, atol=1e-12)
+
+
 def test_official_initialisations(tmp_path):
     cnn, vit = build_models(tiny_config(tmp_path), in_chans=1)[0]
     for head in (cnn.mlp_head, cnn.thead, vit.mlp_head):

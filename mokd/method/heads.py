@@ -102,7 +102,8 @@ class TransformerBlock(nn.Module):
 
 
 class THead(nn.Module):
-    """T-Head g: project C -> D, add a learned positional embedding, 3 ViT-S blocks, LayerNorm, mean, Linear(D,K).
+    """T-Head g: project C -> D, add a learned positional embedding, 3 ViT-S blocks, LayerNorm, mean, Linear(D,K)
+    (with `l2_normalise`, the mean L2-normalised before the last layer, as in the MLP-Head; not the official head).
 
     As in the official code the projection keeps its layer's default initialisation (a 1x1 convolution there, the
     same fan-in uniform as nn.Linear's), the blocks are trunc-normal(0.02), and the last layer's norm weight_g is
@@ -112,9 +113,10 @@ class THead(nn.Module):
     """
 
     def __init__(self, in_dim: int, out_dim: int, dim: int, depth: int, num_heads: int, mlp_ratio: float,
-                 base_grid: tuple[int, int], attention_backend: str) -> None:
+                 base_grid: tuple[int, int], attention_backend: str, l2_normalise: bool = False) -> None:
         super().__init__()
         self.base_grid = base_grid
+        self.l2_normalise = l2_normalise
         self.pos_embed = nn.Parameter(torch.zeros(1, base_grid[0] * base_grid[1], dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.blocks = nn.ModuleList(TransformerBlock(dim, num_heads, mlp_ratio, attention_backend) for _ in range(depth))
@@ -147,4 +149,6 @@ class THead(nn.Module):
         if query is not None:
             hidden = hidden[:, 1:]
         pooled = hidden.mean(dim=1)
+        if self.l2_normalise:
+            pooled = F.normalize(pooled, dim=-1, p=2)
         return self.last_layer(pooled) if logits else pooled
