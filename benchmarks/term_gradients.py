@@ -32,9 +32,16 @@ def gradient_of(loss: torch.Tensor, parameters: list[torch.nn.Parameter]) -> tor
     return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, parameters)])
 
 
-def term_gradients(config, students, teachers, batches: list, model: int) -> dict:
-    """Per term of `model`'s loss (0-based model), the mean over batches of its gradient norm in the last backbone
-    block and in the backbone, and the mean cosine of its gradient with L_sm's there."""
+def gradient_places(student) -> dict[str, list[torch.nn.Parameter]]:
+    """Where gradients are measured: the backbone's last block (its last sharding unit) and the whole backbone."""
+    backbone = student.backbone
+    return {"last_block": list(backbone.sharding_units()[-1].parameters()),
+            "backbone": [p for p in backbone.parameters() if p.requires_grad]}
+
+
+def term_gradient_vectors(config, students, teachers, crops: list[torch.Tensor], model: int) -> dict:
+    """{term: {place: the gradient that term (with its weight in the loss) sends there}} for `model` (0-based), one
+    objective per term with every other term of the model weighted 0; KoLeo as one more term where it is on."""
     from mokd.method.mokd import Centres, MOKDObjective, Temperatures
 
     objective = MOKDObjective.for_config(config)
@@ -42,28 +49,29 @@ def term_gradients(config, students, teachers, batches: list, model: int) -> dic
     temperatures = [Temperatures(m.temperature.student, m.temperature.teacher_end, m.temperature.teacher_end)
                     for m in config.models]
     centres = Centres(config.head.out_dim, len(config.models))
-    backbone = students[model].backbone
-    places = {"last_block": list(backbone.sharding_units()[-1].parameters()),
-              "backbone": [p for p in backbone.parameters() if p.requires_grad]}
-    grads: dict[str, dict[str, list[torch.Tensor]]] = {name: {place: [] for place in places} for name in terms}
+    places = gradient_places(students[model])
     koleo = list(objective.koleo_weights)
-    if koleo[model] > 0:  # the ViTs' KoLeo regulariser, as one more pull on the backbone
-        grads["koleo"] = {place: [] for place in places}
-    for crops in batches:
-        for name in grads:  # one objective per term: every other term of this model weighted 0
-            weights = [dict(m.term_weights) for m in config.models]
-            weights[model] = {**weights[model], **{other: 0.0 for other in terms if other != name}}
-            alone = MOKDObjective(config.loss, objective.cross_weights,
-                                  [w if (i != model or name == "koleo") else 0.0 for i, w in enumerate(koleo)],
-                                  weights)
-            loss = alone(students, teachers, centres, crops, temperatures).totals[model]
-            for place, parameters in places.items():
-                grads[name][place].append(gradient_of(loss, parameters))
+    vectors = {}
+    for name in terms + (["koleo"] if koleo[model] > 0 else []):
+        weights = [dict(m.term_weights) for m in config.models]
+        weights[model] = {**weights[model], **{other: 0.0 for other in terms if other != name}}
+        alone = MOKDObjective(config.loss, objective.cross_weights,
+                              [w if (i != model or name == "koleo") else 0.0 for i, w in enumerate(koleo)], weights)
+        loss = alone(students, teachers, centres, crops, temperatures).totals[model]
+        vectors[name] = {place: gradient_of(loss, parameters) for place, parameters in places.items()}
+    return vectors
+
+
+def term_gradients(config, students, teachers, batches: list, model: int) -> dict:
+    """Per term of `model`'s loss (0-based model), the mean over batches of its gradient norm in the last backbone
+    block and in the backbone, and the mean cosine of its gradient with L_sm's there."""
+    per_batch = [term_gradient_vectors(config, students, teachers, crops, model) for crops in batches]
     result = {}
-    for name in grads:
+    for name in per_batch[0]:
         result[name] = {}
-        for place in places:
-            mine, dino = grads[name][place], grads["sm"][place]
+        for place in per_batch[0][name]:
+            mine = [vectors[name][place] for vectors in per_batch]
+            dino = [vectors["sm"][place] for vectors in per_batch]
             result[name][f"{place}_norm"] = sum(g.norm().item() for g in mine) / len(mine)
             result[name][f"{place}_cosine_with_sm"] = sum(
                 torch.nn.functional.cosine_similarity(a, b, dim=0).item() for a, b in zip(mine, dino)) / len(mine)
