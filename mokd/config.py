@@ -148,6 +148,11 @@ class ModelConfig:
                                              "always trained)")
     zero_init_last_bn: bool = option(False, "ResNet: zero-initialise the last BatchNorm of each residual block "
                                      "(timm's default; the official torchvision ResNets do not)")
+    thead_l2_normalise: bool = option(False, "L2-normalise this model's T-Head output (the mean of its tokens) "
+                                      "before the weight-normalised last layer, as the MLP-Head does. The official "
+                                      "T-Head does not: its logits scale with the norm of a LayerNorm output, about "
+                                      "sqrt(D), and its terms' gradients dwarf L_sm's in the backbone "
+                                      "(benchmarks/term_gradients.py)")
     thead_optim: str = option("auto", "schedules of this model's T-Head parameter group: own | other (another "
                               "model's lr and weight-decay schedules, every T-Head parameter decayed: the first ViT "
                               "among the other models, else the next model) | auto (other for a CNN with a ViT among "
@@ -177,10 +182,6 @@ class HeadConfig:
     thead_depth: int = option(3, "T-Head transformer blocks", AT_LEAST_ONE)
     thead_heads: int = option(6, "T-Head attention heads", AT_LEAST_ONE)
     thead_mlp_ratio: float = option(4.0, "T-Head MLP ratio", POSITIVE)
-    thead_l2_normalise: bool = option(False, "L2-normalise the T-Head's pooled output before its weight-normalised "
-                                      "last layer, as the MLP-Head does (the official T-Head does not: its logits "
-                                      "reach the norm of a LayerNorm output, about sqrt(D), and its terms' "
-                                      "gradients dwarf L_sm's in the backbone)")
     attention: str = option("sdpa", "attention implementation of the T-Head")
 
 

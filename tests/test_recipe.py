@@ -91,12 +91,14 @@ def test_thead_width_is_the_vits_and_the_vit_needs_no_projection(tmp_path):
 
 
 def test_thead_l2_normalise_puts_the_logits_on_the_mlp_heads_scale(tmp_path):
-    """head.thead_l2_normalise: the mean of the T-Head's output tokens is divided by its norm before the last layer
-    (checked in float64 against the same weights without the option); the official head is unchanged by default."""
+    """modelN.thead_l2_normalise: the mean of the T-Head's output tokens is divided by its norm before the last
+    layer (checked in float64 against the same weights without the option), for that model only; the official head
+    is unchanged by default."""
     torch.manual_seed(0)
     official = build_models(tiny_config(tmp_path), in_chans=1)[0][1]
     torch.manual_seed(0)
-    normalised = build_models(tiny_config(tmp_path, extra=["head.thead_l2_normalise=true"]), in_chans=1)[0][1]
+    cnn, normalised = build_models(tiny_config(tmp_path, extra=["model2.thead_l2_normalise=true"]), in_chans=1)[0]
+    assert normalised.thead.l2_normalise and not cnn.thead.l2_normalise and not official.thead.l2_normalise
     for module in (official, normalised):
         module.double().eval()
     tokens = torch.randn(5, 16, official.backbone.num_features, dtype=torch.float64) * 3.0

@@ -83,7 +83,7 @@ class Network(nn.Module):
             side = global_crop_size // self.backbone.patch_size
             self.thead = THead(channels, head_config.out_dim, thead_dim, head_config.thead_depth,
                                head_config.thead_heads, head_config.thead_mlp_ratio, (side, side),
-                               head_config.attention, head_config.thead_l2_normalise)
+                               head_config.attention, model_config.thead_l2_normalise)
 
     def sharding_units(self) -> list[nn.Module]:
         """The modules FSDP2 shards as units of their own below the root (and `mokd plan` counts as gathered whole
