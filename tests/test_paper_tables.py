@@ -126,8 +126,12 @@ def test_report_statistics_are_mean_and_sample_std_over_seeds() -> None:
             split = {"model1": {"knn_top1": scores[0], "linear_top1": scores[1]},
                      "model2": {"knn_top1": scores[2], "linear_top1": scores[3]},
                      "prediction_consistency": scores[4]}
+            entropies = (torch.rand(4, generator=generator) * 5.0).tolist()
             records.append({"pair": "cnn_vit", "variant": variant, "seed": seed, "test": split,
-                            "knn_curve_test": [{"epoch": 0, "step": 0, "knn_top1": scores[5:]}]})
+                            "knn_curve_test": [{"epoch": 0, "step": 0, "knn_top1": scores[5:]}],
+                            "collapse": {"uniform_entropy": 6.0, "teacher_entropy": {
+                                name: value for name, value in zip(("model1/sm", "model1/st", "model2/sm", "model2/ct"),
+                                                                   entropies)}}})
     summary = paper_tables.summarise(records, "test")
     for variant in ("dino", "mokd"):
         members = [r for r in records if r["variant"] == variant]
@@ -144,3 +148,18 @@ def test_report_statistics_are_mean_and_sample_std_over_seeds() -> None:
     assert "loses to" in paper_tables.verdict(dino, {"mean": 69.0, "std": 0.9, "n": 3})
     table = paper_tables.markdown_tables(summary, "test")
     assert "Table 1 analogue" in table and "Table 9 analogue" in table
+    # The claims: each model's gain over its own untrained k-NN, and the most uniform teacher term over the seeds.
+    records[-1]["collapse"]["teacher_entropy"]["model2/ct"] = 5.94  # 0.99 ln K in one seed of MOKD
+    claims = {line.split(" | ")[1]: line.split(" | ") for line in paper_tables.claims_table(records).splitlines()
+              if line.startswith("| cnn_vit |")}
+    for variant in ("dino", "mokd"):
+        members = [r for r in records if r["variant"] == variant]
+        means = []
+        for m in (1, 2):
+            gains = [r["test"][f"model{m}"]["knn_top1"] - r["knn_curve_test"][0]["knn_top1"][m - 1] for r in members]
+            assert claims[variant][2 + m] == f"{sum(gains) / 3:+.2f} ± {statistics.stdev(gains):.2f}"
+            means.append(sum(gains) / 3)
+        assert claims[variant][5] == ("yes" if min(means) >= 5 else "**no**")
+        worst = max(max(r["collapse"]["teacher_entropy"].values()) for r in members) / 6.0
+        assert claims[variant][6].strip(" |*") == f"{worst:.3f}"
+    assert claims["mokd"][6].startswith("**0.990")  # at or above the ceiling: marked
