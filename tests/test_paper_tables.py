@@ -172,7 +172,7 @@ def test_readme_and_results_page_quote_table1_as_the_committed_records_give_it()
     its k-NN cells is recomputed here from the records themselves."""
     records = paper_tables.load_records()
     table = paper_tables.headline_table(paper_tables.summarise(records, "test"))
-    rows = [line for line in table.splitlines()[2:]]
+    rows = table.splitlines()[2:]
     assert len(rows) == 2 * len(paper_tables.PAIRS), "Table 1 lacks a pair: its DINO or chosen MOKD runs are missing"
     for page in ("README.md", "docs/results.md"):
         assert table in (REPO / page).read_text(), f"{page}: Table 1 differs from `paper_tables.py report`"
@@ -180,12 +180,12 @@ def test_readme_and_results_page_quote_table1_as_the_committed_records_give_it()
         label, model = row.split(" | ")[:2]
         pair = label.strip("| ").split(" ")[0]
         which = paper_tables.MODEL_NAMES[pair].index(model) + 1
+        untrained = statistics.fmean(r["knn_curve_test"][0]["knn_top1"][which - 1] for r in records
+                                     if r["pair"] == pair and r["variant"] == "dino")
         for variant, column in (("dino", 3), (paper_tables.CHOSEN_MOKD[pair], 4)):
             scores = [r["test"][f"model{which}"]["knn_top1"] for r in records
                       if r["pair"] == pair and r["variant"] == variant]
             assert len(scores) == 3, (pair, variant, "three seeds")
-            untrained = statistics.fmean(r["knn_curve_test"][0]["knn_top1"][which - 1] for r in records
-                                         if r["pair"] == pair and r["variant"] == "dino")
             mean = statistics.fmean(scores)
             assert row.split(" | ")[column] == (f"{mean:.2f} ± {statistics.stdev(scores):.2f} "
                                                 f"({mean - untrained:+.1f})"), (pair, model, variant)
